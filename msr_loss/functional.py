@@ -1,0 +1,195 @@
+"""The losses as pure functions: the interventional (ICL-MSR) loss, InfoNCE and NT-Xent."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from msr_loss._validation import (
+    NEGATIVE_SETS,
+    REDUCTIONS,
+    check_choice,
+    check_finite,
+    check_floating,
+    check_strata,
+    check_temperature,
+    check_views,
+    compute_dtype,
+)
+from msr_loss.similarity import negative_logsumexp
+
+
+def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
+
+
+def _anchors_and_positives(
+    z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    anchors = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)
+    n = z1.shape[0]
+    return anchors, torch.cat([anchors[n:], anchors[:n]])
+
+
+def _negatives_lse(
+    anchors: torch.Tensor,
+    batch_size: int,
+    temperature: float,
+    negatives: str,
+    backend: str,
+    extra_logits: torch.Tensor | None,
+) -> torch.Tensor:
+    lse = negative_logsumexp(anchors, batch_size, temperature, negatives, backend)
+    if extra_logits is None:
+        return lse
+    extra = check_floating("extra_negative_logits", extra_logits)
+    if extra.dim() != 2 or extra.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"extra_negative_logits must have shape ({anchors.shape[0]}, K), "
+            f"got {tuple(extra.shape)}"
+        )
+    check_finite("extra_negative_logits", extra)
+    return torch.logaddexp(lse, torch.logsumexp(extra.to(anchors.dtype), dim=1))
+
+
+def stratified_positive_logits(
+    anchors: torch.Tensor, positives: torch.Tensor, strata: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``sim(anchor, a_t * positive) / temperature`` for every anchor and stratum, shape (M, n).
+
+    Two (M x D)(D x n) products replace the (n, M, D) tensor of modulated positives.
+    """
+    dots = (anchors * positives) @ strata.T
+    tiny = torch.finfo(anchors.dtype).tiny
+    norms = torch.sqrt(((positives * positives) @ (strata * strata).T).clamp_min(tiny))
+    return dots / norms / temperature
+
+
+def interventional_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    strata: torch.Tensor,
+    *,
+    temperature: float,
+    negatives: str = "cross_view",
+    reduction: str = "mean",
+    backend: str = "auto",
+    extra_negative_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
+
+    For anchor ``Z_i^j`` with positive ``Z_i^{3-j}``, ``s_t = sim(Z_i^j, a_t * Z_i^{3-j}) / tau``
+    and ``P = (1/n) sum_t exp(s_t) / (exp(s_t) + neg)``, with ``neg`` the summed exponentiated
+    logits of the negatives. The loss is ``-log P`` averaged over both views of every image,
+    computed in the log domain, in float32 for half-precision inputs.
+
+    Args:
+        z1: (N, D) projections of the first view.
+        z2: (N, D) projections of the second view.
+        strata: (n, D) stratum vectors ``a_t``; the positive of each anchor is modulated by each.
+        temperature: Softmax temperature, > 0.
+        negatives: ``"cross_view"`` (the paper's N-1 negatives from the other view) or ``"all"``
+            (the 2N-2 views of the other images, as in NT-Xent).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (2N,) tensor, view 1 anchors first).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the negatives' similarity.
+        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor (rows in
+            the order view 1, view 2), already divided by the temperature; they join every
+            anchor's negatives (see :mod:`msr_loss.negatives`).
+
+    Returns:
+        The loss, in float64 for float64 inputs and float32 otherwise.
+
+    Examples:
+        >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> strata = torch.rand(4, 16)
+        >>> loss = interventional_loss(z1, z2, strata, temperature=0.2)
+    """
+    temperature = check_temperature(temperature)
+    check_choice("negatives", negatives, NEGATIVE_SETS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    z1, z2 = check_views(z1, z2)
+    strata = check_strata(strata, z1.shape[1], z1.device)
+    dtype = compute_dtype(torch.promote_types(z1.dtype, strata.dtype))
+    anchors, positives = _anchors_and_positives(z1, z2, dtype)
+    positive_logits = stratified_positive_logits(anchors, positives, strata.to(dtype), temperature)
+    lse = _negatives_lse(
+        anchors, z1.shape[0], temperature, negatives, backend, extra_negative_logits
+    )
+    per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
+    log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
+    return _reduce(-log_p, reduction)
+
+
+def info_nce(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    *,
+    temperature: float,
+    negatives: str = "cross_view",
+    reduction: str = "mean",
+    backend: str = "auto",
+    extra_negative_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
+
+    Args:
+        z1: (N, D) projections of the first view.
+        z2: (N, D) projections of the second view.
+        temperature: Softmax temperature, > 0.
+        negatives: ``"cross_view"`` or ``"all"`` (then this is NT-Xent).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor, already
+            divided by the temperature.
+
+    Returns:
+        The loss, in float64 for float64 inputs and float32 otherwise.
+
+    Examples:
+        >>> loss = info_nce(torch.randn(8, 16), torch.randn(8, 16), temperature=0.1)
+    """
+    temperature = check_temperature(temperature)
+    check_choice("negatives", negatives, NEGATIVE_SETS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    z1, z2 = check_views(z1, z2)
+    anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
+    positive_logits = (anchors * positives).sum(dim=1) / temperature
+    lse = _negatives_lse(
+        anchors, z1.shape[0], temperature, negatives, backend, extra_negative_logits
+    )
+    log_p = positive_logits - torch.logaddexp(positive_logits, lse)
+    return _reduce(-log_p, reduction)
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    *,
+    temperature: float,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
+
+    Args:
+        z1: (N, D) projections of the first view.
+        z2: (N, D) projections of the second view.
+        temperature: Softmax temperature, > 0.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        The loss, in float64 for float64 inputs and float32 otherwise.
+
+    Examples:
+        >>> loss = nt_xent(torch.randn(8, 16), torch.randn(8, 16), temperature=0.5)
+    """
+    return info_nce(
+        z1, z2, temperature=temperature, negatives="all", reduction=reduction, backend=backend
+    )

@@ -1,0 +1,80 @@
+"""nn.Modules that own learnable parameters of the regularisers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msr_loss._validation import NEGATIVE_SETS, check_choice, check_temperature
+from msr_loss.functional import interventional_loss
+
+
+class MetaSemanticRegularizer(nn.Module):
+    """ICL-MSR's meta semantic regulariser: n learnable strata and the interventional loss.
+
+    Each stratum is a soft mask ``a_t = sigmoid(w_t)`` in (0, 1)^D with ``w_t`` drawn from
+    N(0, init_std^2), so the strata start apart. ``forward`` returns ``weight * L_ICL``; the strata
+    are meant to be learned by :class:`msr_loss.MetaUpdate`, not by the encoder's optimizer.
+
+    Args:
+        dim: Projection dimension D.
+        num_strata: Number of strata n.
+        temperature: Softmax temperature, > 0.
+        weight: The factor beta on the loss.
+        negatives: ``"cross_view"`` (default, the paper's) or ``"all"``.
+        init_std: Standard deviation of the initial ``w``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Examples:
+        >>> msr = MetaSemanticRegularizer(dim=128, num_strata=16, temperature=0.2)
+        >>> z1, z2 = torch.randn(32, 128), torch.randn(32, 128)
+        >>> loss = msr(z1, z2)
+        >>> msr.strata.shape
+        torch.Size([16, 128])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_strata: int,
+        *,
+        temperature: float,
+        weight: float = 1.0,
+        negatives: str = "cross_view",
+        init_std: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim < 1 or num_strata < 1:
+            raise ValueError(f"dim and num_strata must be >= 1, got dim={dim}, num={num_strata}")
+        if init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std}")
+        self.temperature = check_temperature(temperature)
+        self.negatives = check_choice("negatives", negatives, NEGATIVE_SETS)
+        self.weight = float(weight)
+        self.backend = backend
+        self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
+
+    @property
+    def strata(self) -> torch.Tensor:
+        """The (n, D) stratum vectors ``a_t = sigmoid(w_t)``."""
+        return torch.sigmoid(self.logits)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Returns ``weight * interventional_loss(z1, z2, strata)``."""
+        loss = interventional_loss(
+            z1,
+            z2,
+            self.strata,
+            temperature=self.temperature,
+            negatives=self.negatives,
+            backend=self.backend,
+        )
+        return self.weight * loss
+
+    def extra_repr(self) -> str:
+        num_strata, dim = self.logits.shape
+        return (
+            f"dim={dim}, num_strata={num_strata}, temperature={self.temperature}, "
+            f"weight={self.weight}, negatives={self.negatives!r}"
+        )
