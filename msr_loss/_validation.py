@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 
 NEGATIVE_SETS = ("cross_view", "all")
 REDUCTIONS = ("mean", "sum", "none")
+_Loss = TypeVar("_Loss", bound=Callable[..., Any])
 
 
 def check_temperature(temperature: float) -> float:
@@ -78,3 +82,20 @@ def check_strata(strata: object, dim: int, device: torch.device) -> torch.Tensor
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; float32 and every narrower float compute in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def without_autocast(loss: _Loss) -> _Loss:
+    """Runs ``loss`` with autocast off on the device of its first tensor argument.
+
+    The losses choose their own compute dtype (:func:`compute_dtype`); inside a ``torch.autocast``
+    region their matmuls would otherwise drop back to half precision.
+    """
+
+    @functools.wraps(loss)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*args, **kwargs)
+
+    return cast(_Loss, wrapper)

@@ -17,8 +17,10 @@ from msr_loss._validation import (
     check_temperature,
     check_views,
     compute_dtype,
+    without_autocast,
 )
 from msr_loss.similarity import negative_logsumexp
+from msr_loss.similarity.gathered import gathered_negative_logsumexp
 
 
 def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -32,7 +34,9 @@ def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
 def _anchors_and_positives(
     z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    anchors = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)
+    views = torch.cat([z1, z2])
+    eps = max(1e-12, torch.finfo(views.dtype).tiny)
+    anchors = F.normalize(views.to(dtype), dim=1, eps=eps)
     n = z1.shape[0]
     return anchors, torch.cat([anchors[n:], anchors[:n]])
 
@@ -44,8 +48,10 @@ def _negatives_lse(
     negatives: str,
     backend: str,
     extra_logits: torch.Tensor | None,
+    gather_distributed: bool,
 ) -> torch.Tensor:
-    lse = negative_logsumexp(anchors, batch_size, temperature, negatives, backend)
+    lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
+    lse = lse_fn(anchors, batch_size, temperature, negatives, backend)
     if extra_logits is None:
         return lse
     extra = check_floating("extra_negative_logits", extra_logits)
@@ -71,6 +77,7 @@ def stratified_positive_logits(
     return dots / norms / temperature
 
 
+@without_autocast
 def interventional_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -81,6 +88,7 @@ def interventional_loss(
     reduction: str = "mean",
     backend: str = "auto",
     extra_negative_logits: torch.Tensor | None = None,
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
 
@@ -101,6 +109,9 @@ def interventional_loss(
         extra_negative_logits: Optional (2N, K) logits of further negatives per anchor (rows in
             the order view 1, view 2), already divided by the temperature; they join every
             anchor's negatives (see :mod:`msr_loss.negatives`).
+        gather_distributed: Take the negatives from the views of every rank of the initialised
+            process group, with gradients (see :mod:`msr_loss.distributed`); the anchors, the
+            reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N.
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -119,13 +130,20 @@ def interventional_loss(
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = stratified_positive_logits(anchors, positives, strata.to(dtype), temperature)
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra_negative_logits
+        anchors,
+        z1.shape[0],
+        temperature,
+        negatives,
+        backend,
+        extra_negative_logits,
+        gather_distributed,
     )
     per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
     return _reduce(-log_p, reduction)
 
 
+@without_autocast
 def info_nce(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -135,6 +153,7 @@ def info_nce(
     reduction: str = "mean",
     backend: str = "auto",
     extra_negative_logits: torch.Tensor | None = None,
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
 
@@ -147,6 +166,7 @@ def info_nce(
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         extra_negative_logits: Optional (2N, K) logits of further negatives per anchor, already
             divided by the temperature.
+        gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -161,7 +181,13 @@ def info_nce(
     anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra_negative_logits
+        anchors,
+        z1.shape[0],
+        temperature,
+        negatives,
+        backend,
+        extra_negative_logits,
+        gather_distributed,
     )
     log_p = positive_logits - torch.logaddexp(positive_logits, lse)
     return _reduce(-log_p, reduction)
@@ -174,6 +200,7 @@ def nt_xent(
     temperature: float,
     reduction: str = "mean",
     backend: str = "auto",
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
 
@@ -183,6 +210,7 @@ def nt_xent(
         temperature: Softmax temperature, > 0.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -191,5 +219,11 @@ def nt_xent(
         >>> loss = nt_xent(torch.randn(8, 16), torch.randn(8, 16), temperature=0.5)
     """
     return info_nce(
-        z1, z2, temperature=temperature, negatives="all", reduction=reduction, backend=backend
+        z1,
+        z2,
+        temperature=temperature,
+        negatives="all",
+        reduction=reduction,
+        backend=backend,
+        gather_distributed=gather_distributed,
     )

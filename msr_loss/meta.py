@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from msr_loss._validation import check_choice
+from msr_loss.distributed import all_reduce_mean, broadcast_from_rank0
 
 MODES = ("exact", "finite_difference")
 Forward = Callable[..., Any]
@@ -120,6 +121,12 @@ class MetaUpdate:
     functions of a ``forward`` callable that runs the encoder at given parameters; write them as you
     would write the loss with the encoder itself.
 
+    Under an initialised ``torch.distributed`` process group the meta parameters start from rank
+    0's values, and the virtual step's gradient, the finite-difference direction and the
+    meta-gradient are averaged over ranks (as ``DistributedDataParallel`` averages the real step's),
+    so every rank takes the single-process step on the global batch. Pass the unwrapped module
+    (``ddp.module``) as ``encoder``.
+
     Args:
         encoder: The module trained in stage 1 (backbone and projector). Meta parameters may live
             inside it (MetaMask's mask) or outside (ICL-MSR's strata); they are held out of the
@@ -163,6 +170,7 @@ class MetaUpdate:
         self.meta_parameters = list(meta_parameters)
         if not self.meta_parameters:
             raise ValueError("meta_parameters is empty")
+        broadcast_from_rank0(self.meta_parameters)
         self.meta_optimizer = meta_optimizer
         self.encoder_optimizer = encoder_optimizer
         self.fixed_step = VirtualSGD(lr=lr) if lr is not None else None
@@ -202,8 +210,8 @@ class MetaUpdate:
         steps = self._virtual_steps(params)
         with preserved_buffers(self.encoder), torch.enable_grad():
             if self.mode == "exact":
-                return self._exact(params, steps, train_loss, meta_loss)
-            return self._finite_difference(params, steps, train_loss, meta_loss)
+                return all_reduce_mean(self._exact(params, steps, train_loss, meta_loss))
+            return all_reduce_mean(self._finite_difference(params, steps, train_loss, meta_loss))
 
     def _grad_or_zero(
         self, output: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any
@@ -220,7 +228,7 @@ class MetaUpdate:
     ) -> list[torch.Tensor]:
         theta = {name: p.detach().requires_grad_() for name, p in params.items()}
         loss = train_loss(self._forward(theta))
-        grads = self._grad_or_zero(loss, list(theta.values()), create_graph=True)
+        grads = all_reduce_mean(self._grad_or_zero(loss, list(theta.values()), create_graph=True))
         virtual = {
             name: steps[name][0].apply(value, grad, steps[name][1])
             for (name, value), grad in zip(theta.items(), grads, strict=True)
@@ -237,8 +245,10 @@ class MetaUpdate:
         names = list(params)
         theta = [params[name].detach() for name in names]
         leaves = [t.clone().requires_grad_() for t in theta]
-        grads = self._grad_or_zero(
-            train_loss(self._forward(dict(zip(names, leaves, strict=True)))), leaves
+        grads = all_reduce_mean(
+            self._grad_or_zero(
+                train_loss(self._forward(dict(zip(names, leaves, strict=True)))), leaves
+            )
         )
         virtual = [
             steps[name][0].apply(t, g, steps[name][1]).requires_grad_()
@@ -248,7 +258,7 @@ class MetaUpdate:
             meta_loss(self._forward(dict(zip(names, virtual, strict=True)))),
             [*virtual, *self.meta_parameters],
         )
-        v, first_order = outer[: len(virtual)], outer[len(virtual) :]
+        v, first_order = all_reduce_mean(outer[: len(virtual)]), outer[len(virtual) :]
         direction = [
             steps[name][0].gradient_scale(steps[name][1] is not None) * vi
             for name, vi in zip(names, v, strict=True)

@@ -24,6 +24,9 @@ class MetaSemanticRegularizer(nn.Module):
         negatives: ``"cross_view"`` (default, the paper's) or ``"all"``.
         init_std: Standard deviation of the initial ``w``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        gather_distributed: Take the negatives from every rank of the initialised process group
+            (see :func:`msr_loss.interventional_loss`); the strata must be the same on every rank,
+            which :class:`msr_loss.MetaUpdate` keeps true.
 
     Examples:
         >>> msr = MetaSemanticRegularizer(dim=128, num_strata=16, temperature=0.2)
@@ -43,6 +46,7 @@ class MetaSemanticRegularizer(nn.Module):
         negatives: str = "cross_view",
         init_std: float = 1.0,
         backend: str = "auto",
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or num_strata < 1:
@@ -53,6 +57,7 @@ class MetaSemanticRegularizer(nn.Module):
         self.negatives = check_choice("negatives", negatives, NEGATIVE_SETS)
         self.weight = float(weight)
         self.backend = backend
+        self.gather_distributed = gather_distributed
         self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
 
     @property
@@ -69,6 +74,7 @@ class MetaSemanticRegularizer(nn.Module):
             temperature=self.temperature,
             negatives=self.negatives,
             backend=self.backend,
+            gather_distributed=self.gather_distributed,
         )
         return self.weight * loss
 

@@ -1,0 +1,135 @@
+"""The negatives' log-sum-exp with the negatives gathered from every rank (PyTorch path).
+
+Each rank keeps its own 2n anchors as rows, ``[view 1 of its n images; view 2 of them]``, and
+uses the 2N = 2nW views of the global batch as columns, in the single-process layout ``[view 1 of
+images 0..N-1; view 2 of images 0..N-1]``; local image ``i`` of rank ``r`` is global image
+``r * n + i``. The rows are a subset of the columns, so the backward has two terms: the rows' own
+gradient and the columns' (the transposed product), which :func:`msr_loss.distributed.gather`
+routes back to the ranks that own them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msr_loss.distributed import gather, rank, world_size
+from msr_loss.similarity import BACKENDS, negative_logsumexp
+
+
+def _chunk_mask(
+    start: int,
+    stop: int,
+    local_batch: int,
+    first_image: int,
+    global_batch: int,
+    negatives: str,
+    device: torch.device,
+) -> torch.Tensor:
+    local_rows = torch.arange(start, stop, device=device)
+    row_image = first_image + local_rows % local_batch
+    cols = torch.arange(2 * global_batch, device=device)
+    other_image = row_image[:, None] != (cols % global_batch)[None, :]
+    if negatives == "all":
+        return other_image
+    row_view = local_rows // local_batch
+    return other_image & (row_view[:, None] != (cols // global_batch)[None, :])
+
+
+class GatheredNegativeLogSumExp(torch.autograd.Function):
+    """Row-chunked log-sum-exp of local anchors against the global columns.
+
+    The backward recomputes each (chunk x 2N) block of similarities; it is written in
+    differentiable operations, so the exact meta-gradient can differentiate through it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        first_image: int,
+        inv_temperature: float,
+        negatives: str,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
+        pieces = []
+        for start in range(0, rows.shape[0], chunk_size):
+            stop = min(start + chunk_size, rows.shape[0])
+            mask = _chunk_mask(
+                start, stop, local_batch, first_image, global_batch, negatives, rows.device
+            )
+            logits = (rows[start:stop] @ columns.T) * inv_temperature
+            pieces.append(torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1))
+        lse = torch.cat(pieces)
+        ctx.save_for_backward(rows, columns, lse)
+        ctx.config = (first_image, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
+        return lse
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        rows, columns, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        first_image, inv_temperature, negatives, chunk_size = ctx.config  # type: ignore[attr-defined]
+        local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
+        row_pieces = []
+        grad_columns = torch.zeros_like(columns)
+        for start in range(0, rows.shape[0], chunk_size):
+            stop = min(start + chunk_size, rows.shape[0])
+            mask = _chunk_mask(
+                start, stop, local_batch, first_image, global_batch, negatives, rows.device
+            )
+            logits = (rows[start:stop] @ columns.T) * inv_temperature
+            softmax = torch.exp(logits - lse[start:stop, None]) * grad_lse[start:stop, None]
+            weights = torch.where(mask, softmax, torch.zeros((), dtype=logits.dtype))
+            row_pieces.append((weights @ columns) * inv_temperature)
+            grad_columns = grad_columns + (weights.T @ rows[start:stop]) * inv_temperature
+        return torch.cat(row_pieces), grad_columns, None, None, None, None
+
+
+def gathered_negative_logsumexp(
+    zhat: torch.Tensor,
+    batch_size: int,
+    temperature: float,
+    negatives: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`msr_loss.similarity.negative_logsumexp` with the negatives of every rank.
+
+    Without an initialised process group, or with one rank, this is ``negative_logsumexp``
+    itself. Under distribution only the PyTorch path exists: ``backend="auto"`` uses it and
+    ``backend="triton"`` raises ValueError. Each chunk of rows holds about 2**22 similarities.
+
+    Args:
+        zhat: (2n, D) this rank's unit-norm projections, view 1 stacked over view 2.
+        batch_size: n, this rank's number of images (the same on every rank).
+        temperature: The softmax temperature, > 0.
+        negatives: ``"cross_view"`` or ``"all"``, over the global batch.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (single process only).
+
+    Returns:
+        A (2n,) tensor in the dtype of ``zhat``.
+
+    Examples:
+        >>> zhat = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> gathered_negative_logsumexp(zhat, 4, 0.2, "cross_view").shape
+        torch.Size([8])
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ranks = world_size()
+    if ranks == 1:
+        return negative_logsumexp(zhat, batch_size, temperature, negatives, backend)
+    if backend == "triton":
+        raise ValueError(
+            "backend='triton' does not support gather_distributed=True; "
+            "use backend='auto' or 'torch'"
+        )
+    dim = zhat.shape[1]
+    columns = gather(zhat).view(ranks, 2, batch_size, dim).transpose(0, 1).reshape(-1, dim)
+    chunk = max(1, min(zhat.shape[0], (1 << 22) // columns.shape[0]))
+    result: torch.Tensor = GatheredNegativeLogSumExp.apply(
+        zhat, columns, rank() * batch_size, 1.0 / temperature, negatives, chunk
+    )
+    return result
