@@ -155,6 +155,8 @@ class MetaMaskLoss(nn.Module):
         temperature: NT-Xent temperature (2N-2 negatives per anchor).
         contrastive_weight: The weight w_cl of the contrastive term.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for NT-Xent's similarity.
+        gather_distributed: Gather NT-Xent's negatives from every rank. Barlow Twins keeps each
+            rank's own batch statistics.
 
     Examples:
         >>> criterion = MetaMaskLoss()
@@ -169,16 +171,24 @@ class MetaMaskLoss(nn.Module):
         temperature: float = 0.07,
         contrastive_weight: float = 10.0,
         backend: str = "auto",
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.off_diagonal_weight = _check_off_diagonal_weight(off_diagonal_weight)
         self.temperature = check_temperature(temperature)
         self.contrastive_weight = float(contrastive_weight)
         self.backend = backend
+        self.gather_distributed = gather_distributed
 
     def contrastive(self, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
         """NT-Xent of the contrastive head's projections (the meta objective)."""
-        return nt_xent(c1, c2, temperature=self.temperature, backend=self.backend)
+        return nt_xent(
+            c1,
+            c2,
+            temperature=self.temperature,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+        )
 
     def forward(
         self, z1: torch.Tensor, z2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor

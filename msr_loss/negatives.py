@@ -418,6 +418,8 @@ class NonSemanticContrastiveLoss(nn.Module):
         alpha: Scale of the non-semantic negatives' similarities (2 in the paper).
         negatives: The in-batch negatives: ``"cross_view"`` or ``"all"`` (NT-Xent).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        gather_distributed: Gather the in-batch negatives from every rank (see
+            :func:`msr_loss.info_nce`); each anchor keeps only its own non-semantic negatives.
 
     Examples:
         >>> criterion = NonSemanticContrastiveLoss(temperature=0.2, negatives="all")
@@ -432,12 +434,14 @@ class NonSemanticContrastiveLoss(nn.Module):
         alpha: float = 2.0,
         negatives: str = "cross_view",
         backend: str = "auto",
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.alpha = _check_alpha(alpha)
         self.negatives = check_choice("negatives", negatives, NEGATIVE_SETS)
         self.backend = backend
+        self.gather_distributed = gather_distributed
 
     def forward(
         self,
@@ -467,6 +471,7 @@ class NonSemanticContrastiveLoss(nn.Module):
                 negatives=self.negatives,
                 backend=self.backend,
                 extra_negative_logits=extra,
+                gather_distributed=self.gather_distributed,
             )
         return interventional_loss(
             z1,
@@ -476,6 +481,7 @@ class NonSemanticContrastiveLoss(nn.Module):
             negatives=self.negatives,
             backend=self.backend,
             extra_negative_logits=extra,
+            gather_distributed=self.gather_distributed,
         )
 
     def extra_repr(self) -> str:

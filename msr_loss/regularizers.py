@@ -65,8 +65,17 @@ class MetaSemanticRegularizer(nn.Module):
         """The (n, D) stratum vectors ``a_t = sigmoid(w_t)``."""
         return torch.sigmoid(self.logits)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """Returns ``weight * interventional_loss(z1, z2, strata)``."""
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        extra_negative_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Returns ``weight * interventional_loss(z1, z2, strata)``.
+
+        ``extra_negative_logits`` ((2N, K), e.g. from :func:`msr_loss.non_semantic_logits`)
+        join every anchor's negatives.
+        """
         loss = interventional_loss(
             z1,
             z2,
@@ -75,6 +84,7 @@ class MetaSemanticRegularizer(nn.Module):
             negatives=self.negatives,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
+            extra_negative_logits=extra_negative_logits,
         )
         return self.weight * loss
 

@@ -18,7 +18,15 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from msr_loss import MetaSemanticRegularizer, MetaUpdate, info_nce, interventional_loss, nt_xent
+from msr_loss import (
+    MetaMaskLoss,
+    MetaSemanticRegularizer,
+    MetaUpdate,
+    NonSemanticContrastiveLoss,
+    info_nce,
+    interventional_loss,
+    nt_xent,
+)
 from msr_loss.distributed import all_reduce_mean, gather
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import GatheredNegativeLogSumExp, gathered_negative_logsumexp
@@ -65,6 +73,12 @@ CASES: dict[str, LossCase] = {
         z1, z2, temperature=TAU, negatives="all", gather_distributed=g
     ),
     "nt_xent": lambda z1, z2, w, extra, g: nt_xent(z1, z2, temperature=TAU, gather_distributed=g),
+    "metamask_contrastive": lambda z1, z2, w, extra, g: MetaMaskLoss(
+        temperature=TAU, gather_distributed=g
+    ).contrastive(z1, z2),
+    "non_semantic_negatives": lambda z1, z2, w, extra, g: NonSemanticContrastiveLoss(
+        temperature=TAU, negatives="all", gather_distributed=g
+    )(z1, z2, z1.roll(1, dims=1), z2.roll(2, dims=1), torch.sigmoid(w)),
 }
 
 
