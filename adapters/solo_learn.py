@@ -1,10 +1,11 @@
 """Wraps any solo-learn method with auxiliary terms, without editing or forking solo-learn.
 
 The wrapped class is a subclass of the method's own class. A forward hook on its ``projector``
-records the projections of the first two large crops inside ``training_step``; the step's loss
-becomes ``base + sum of the terms``; after each optimizer step (``on_train_batch_end``) every
-term runs its stage 2; the terms' parameters live in the model's ``state_dict`` and their
-optimizer state in the checkpoint under ``"msr_loss"``. solo-learn and Lightning are imported
+records the inputs (backbone features) and projections of the first two large crops inside
+``training_step``; the step's loss becomes ``base + sum of the terms``; after each optimizer step
+(``on_train_batch_end``) every term runs its stage 2; the parameters a term gives the host's
+optimizer join ``learnable_params``; the terms' parameters live in the model's ``state_dict`` and
+their optimizer state in the checkpoint under ``"msr_loss"``. solo-learn and Lightning are imported
 only by :func:`register`, never at import time.
 """
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .flags import TERMS
-from .terms import AuxiliaryTerm, StepContext
+from .terms import AuxiliaryTerm, StepContext, backbone_of
 
 if TYPE_CHECKING:
     _Host = Any
@@ -102,8 +103,9 @@ class _AuxiliaryMixin(_Host):
         for flags in self._msr_flags:
             term = flags.build(dim)
             self.msr_terms[term.flag] = term
+            term.bind(self)
         self.__dict__["_msr_encoders"] = (
-            _Encoder(_first(self, "backbone", "encoder"), projector),
+            _Encoder(backbone_of(self), projector),
             _momentum_encoder(self),
         )
         self.__dict__["_msr_captured"] = None
@@ -113,10 +115,16 @@ class _AuxiliaryMixin(_Host):
     def _msr_terms(self) -> list[tuple[str, AuxiliaryTerm]]:
         return [(flag, cast(AuxiliaryTerm, term)) for flag, term in self.msr_terms.items()]
 
+    @property
+    def learnable_params(self) -> list[dict[str, Any]]:
+        groups = list(super().learnable_params)
+        params = [p for _, term in self._msr_terms() for p in term.host_parameters()]
+        return [*groups, {"name": "msr_terms", "params": params}] if params else groups
+
     def _msr_capture(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         captured = self.__dict__["_msr_captured"]
         if captured is not None and len(captured) < 2:
-            captured.append(output)
+            captured.append((inputs[0], output))
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         self.__dict__["_msr_captured"] = []
@@ -131,9 +139,9 @@ class _AuxiliaryMixin(_Host):
                 "time(s); the msr-loss adapter needs the projections of two large crops"
             )
         crops = (batch[1][0].detach(), batch[1][1].detach())
-        z1, z2 = captured[0], captured[1]
+        (f1, z1), (f2, z2) = captured
         encoder, key_encoder = self.__dict__["_msr_encoders"]
-        context = StepContext(crops, (z1, z2), encoder, key_encoder)
+        context = StepContext(crops, (z1, z2), encoder, key_encoder, (f1, f2))
         total = torch.zeros((), device=z1.device)
         for flag, term in self._msr_terms():
             loss = term.loss(context)
@@ -141,7 +149,13 @@ class _AuxiliaryMixin(_Host):
             total = total + loss
         trainer = self._trainer
         self.__dict__["_msr_pending"] = (
-            StepContext(crops, (z1.detach(), z2.detach()), encoder, key_encoder),
+            StepContext(
+                crops,
+                (z1.detach(), z2.detach()),
+                encoder,
+                key_encoder,
+                (f1.detach(), f2.detach()),
+            ),
             None if trainer is None else trainer.global_step,
         )
         if isinstance(out, Mapping):
@@ -184,9 +198,10 @@ def wrap_method(method_cls: type, *flags: Any) -> type:
     Args:
         method_cls: A solo-learn method class (``solo.methods.SimCLR``, ``BYOL``, ...), either
             API (``__init__(cfg)`` on main, keyword arguments on PyPI 1.0.x).
-        *flags: Parsed flag blocks, e.g. :class:`msr_loss.adapters.MSRFlags` or
-            :class:`msr_loss.adapters.NSNegFlags`; each has ``build(projection_dim)`` returning
-            the term.
+        *flags: Parsed flag blocks, e.g. :class:`msr_loss.adapters.MSRFlags`,
+            :class:`msr_loss.adapters.NSNegFlags` or :class:`msr_loss.adapters.MetaMaskFlags`;
+            each has ``build(projection_dim)`` returning the term, which is then bound to the
+            model (:meth:`AuxiliaryTerm.bind`).
 
     Returns:
         The wrapped class; construct it exactly like ``method_cls``.
@@ -241,9 +256,9 @@ def flags_from_config(config: Any) -> list[Any]:
 def register(config: Any, methods: MutableMapping[str, type] | None = None) -> type:
     """Puts the wrapped method in solo-learn's registry when ``config`` carries a flag block.
 
-    ``methods[config.method]`` becomes the wrapped class if ``config`` has an enabled ``msr`` or
-    ``nsneg`` block (or one added by ``register_term``), and the plain class otherwise;
-    ``config.method`` is left unchanged. Call it before the model is built.
+    ``methods[config.method]`` becomes the wrapped class if ``config`` has an enabled ``msr``,
+    ``nsneg`` or ``metamask`` block (or one added by ``register_term``), and the plain class
+    otherwise; ``config.method`` is left unchanged. Call it before the model is built.
 
     Args:
         config: The run's config: solo-learn main's hydra ``DictConfig``, or for PyPI 1.0.x the
