@@ -1,12 +1,84 @@
-"""The hot spot of every loss: the log-sum-exp over each anchor's negatives, and its backends."""
+"""The hot spot of every loss: the log-sum-exp over each anchor's negatives, and its backends.
+
+``"torch"`` is the blockwise PyTorch path (:mod:`msr_loss.similarity.reference`), on every device
+and differentiable twice. ``"triton"`` is the fused kernel (:mod:`msr_loss.similarity.triton`), for
+CUDA tensors, or CPU tensors under the Triton interpreter. ``"auto"`` picks Triton for CUDA tensors
+in a dtype it supports when the ``triton`` package is installed, and PyTorch otherwise.
+"""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
 
 import torch
 
 from msr_loss.similarity.reference import chunked_negative_logsumexp
 
 BACKENDS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MODULE = "msr_loss.similarity.triton"
+
+
+def triton_installed() -> bool:
+    """Whether the optional ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_module() -> ModuleType:
+    return importlib.import_module(_TRITON_MODULE)
+
+
+def _check_triton_can_run(zhat: torch.Tensor) -> None:
+    if not triton_installed():
+        raise ValueError(
+            "backend='triton' needs the triton package: pip install 'msr-loss[triton]'"
+        )
+    if zhat.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float16, bfloat16 and float32 inputs, got {zhat.dtype}; "
+            "use backend='torch' or 'auto'"
+        )
+    if zhat.is_cuda:
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got a tensor on {zhat.device}; use "
+            "backend='torch' or 'auto', or set TRITON_INTERPRET=1 to run the kernel in the "
+            "(slow) Triton interpreter"
+        )
+    if not _triton_module().INTERPRETER:
+        raise ValueError(
+            "TRITON_INTERPRET=1 was set after triton had been imported, so the kernels were "
+            "compiled for a GPU; set it before triton is first imported in the process to run "
+            "the kernel on CPU tensors"
+        )
+
+
+def uses_triton(zhat: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` resolves to the Triton kernel for ``zhat``; raises if it cannot run.
+
+    Args:
+        zhat: The (2N, D) projections the backend will see.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        True for the Triton kernel, False for the PyTorch path.
+
+    Examples:
+        >>> uses_triton(torch.zeros(4, 8), "auto")
+        False
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return zhat.is_cuda and zhat.dtype in TRITON_DTYPES and triton_installed()
+    _check_triton_can_run(zhat)
+    return True
 
 
 def negative_logsumexp(
@@ -27,12 +99,17 @@ def negative_logsumexp(
 
     Returns:
         A (2N,) tensor in the dtype of ``zhat``.
+
+    Examples:
+        >>> zhat = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> negative_logsumexp(zhat, 4, 0.2, "cross_view", backend="torch").shape
+        torch.Size([8])
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available in this build")
+    if uses_triton(zhat, backend):
+        kernel = _triton_module().triton_negative_logsumexp
+        result: torch.Tensor = kernel(zhat, batch_size, 1.0 / temperature, negatives)
+        return result
     return chunked_negative_logsumexp(zhat, batch_size, 1.0 / temperature, negatives)
 
 
-__all__ = ["BACKENDS", "negative_logsumexp"]
+__all__ = ["BACKENDS", "negative_logsumexp", "triton_installed", "uses_triton"]

@@ -1,63 +1,160 @@
-"""The negatives' log-sum-exp in plain PyTorch: a dense version and a row-chunked one.
+"""The negatives' log-sum-exp in plain PyTorch, one block of rows at a time.
 
 Rows and columns index the M = 2N stacked views ``[view 1; view 2]``: index ``r`` is view ``r // N``
-of image ``r % N``. The negative set of an anchor is symmetric (``k`` is a negative of ``i`` exactly
-when ``i`` is one of ``k``), which lets the chunked backward compute each row block of the gradient
-on its own, with no atomics and no M x M buffer.
+of image ``r % N``. A block holds rows of one view only, so its excluded entries (the anchor and its
+positive, ``column % N == row % N``) lie on diagonals that are filled in place, with no mask. With
+``negatives="cross_view"`` a block is multiplied by the other view only: half the work of ``"all"``.
+
+The negative set is symmetric (``k`` is a negative of ``i`` exactly when ``i`` is one of ``k``), so
+``d lse / d Z`` for a block of rows needs only that block's similarities:
+``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``.
+Peak extra memory is a few (chunk x M) blocks; nothing of size M x M is ever formed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-
-def negative_mask(
-    rows: torch.Tensor, num_rows: int, batch_size: int, negatives: str
-) -> torch.Tensor:
-    """Boolean (len(rows), num_rows) mask of the negatives of each row in ``rows``."""
-    cols = torch.arange(num_rows, device=rows.device)
-    other_image = (rows[:, None] % batch_size) != (cols[None, :] % batch_size)
-    if negatives == "all":
-        return other_image
-    other_view = (rows[:, None] // batch_size) != (cols[None, :] // batch_size)
-    return other_image & other_view
+BLOCK_ENTRIES = 1 << 20
 
 
-def default_chunk_size(num_rows: int) -> int:
-    """Rows per chunk so that one chunk's similarity block holds about 2**22 entries."""
-    return max(1, min(num_rows, (1 << 22) // max(num_rows, 1)))
+def check_stacked(zhat: torch.Tensor, batch_size: int) -> None:
+    """Raises a ValueError unless ``zhat`` is a (2N, D) stack of two views with N >= 2."""
+    if batch_size < 2 or zhat.dim() != 2 or zhat.shape[0] != 2 * batch_size:
+        raise ValueError(
+            f"zhat must have shape (2N, D) with N = batch_size >= 2; got shape "
+            f"{tuple(zhat.shape)} and batch_size {batch_size}"
+        )
 
 
-def dense_negative_logsumexp(
-    zhat: torch.Tensor, batch_size: int, inv_temperature: float, negatives: str
-) -> torch.Tensor:
-    """Materialises the full similarity matrix; differentiable by autograd (the reference)."""
-    num_rows = zhat.shape[0]
-    logits = (zhat @ zhat.T) * inv_temperature
-    rows = torch.arange(num_rows, device=zhat.device)
-    mask = negative_mask(rows, num_rows, batch_size, negatives)
-    return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+def default_chunk_size(batch_size: int, negatives: str) -> int:
+    """Rows per block so that a block of similarities holds about ``BLOCK_ENTRIES`` entries."""
+    num_cols = batch_size if negatives == "cross_view" else 2 * batch_size
+    return max(1, min(batch_size, BLOCK_ENTRIES // num_cols))
 
 
-def _chunk_logits(
+def _blocks(num_images: int, negatives: str, chunk_size: int) -> Iterator[tuple[slice, slice, int]]:
+    """Yields (rows, columns, first image of the rows) for every block, in row order."""
+    for view in (0, 1):
+        if negatives == "cross_view":
+            cols = slice((1 - view) * num_images, (2 - view) * num_images)
+        else:
+            cols = slice(0, 2 * num_images)
+        for first in range(0, num_images, chunk_size):
+            last = min(first + chunk_size, num_images)
+            yield slice(view * num_images + first, view * num_images + last), cols, first
+
+
+def _excluded(block: torch.Tensor, first_image: int, num_images: int) -> torch.Tensor:
+    """A view of the entries of ``block`` whose column is the row's own image, in either view."""
+    rows, num_cols = block.shape
+    return block.view(rows, num_cols // num_images, num_images).diagonal(
+        offset=first_image, dim1=0, dim2=2
+    )
+
+
+def _logits_into(
+    buffer: torch.Tensor,
+    scaled: torch.Tensor,
     zhat: torch.Tensor,
-    start: int,
-    stop: int,
+    rows: slice,
+    cols: slice,
+    first: int,
+    num_images: int,
+) -> torch.Tensor:
+    block = torch.mm(scaled[rows], zhat[cols].T, out=buffer[: rows.stop - rows.start])
+    _excluded(block, first, num_images).fill_(float("-inf"))
+    return block
+
+
+def _buffer(zhat: torch.Tensor, num_images: int, negatives: str, chunk_size: int) -> torch.Tensor:
+    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    return zhat.new_empty(chunk_size, num_cols)
+
+
+def _forward(
+    zhat: torch.Tensor, num_images: int, inv_t: float, negatives: str, chunk_size: int
+) -> torch.Tensor:
+    lse = zhat.new_empty(zhat.shape[0])
+    buffer = _buffer(zhat, num_images, negatives, chunk_size)
+    scaled = zhat * inv_t
+    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
+        block = _logits_into(buffer, scaled, zhat, rows, cols, first, num_images)
+        shift = block.amax(dim=1, keepdim=True)
+        lse[rows] = block.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+    return lse
+
+
+def _fast_gradient(
+    zhat: torch.Tensor,
+    lse: torch.Tensor,
+    scaled_grad: torch.Tensor,
+    num_images: int,
+    inv_t: float,
+    negatives: str,
+    chunk_size: int,
+) -> torch.Tensor:
+    dz = torch.empty_like(zhat)
+    logits = _buffer(zhat, num_images, negatives, chunk_size)
+    weights = torch.empty_like(logits)
+    scaled = zhat * inv_t
+    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
+        block = _logits_into(logits, scaled, zhat, rows, cols, first, num_images)
+        as_row = torch.sub(block, lse[rows, None], out=weights[: block.shape[0]])
+        as_row.exp_().mul_(scaled_grad[rows, None])
+        as_row.add_(block.sub_(lse[None, cols]).exp_().mul_(scaled_grad[None, cols]))
+        torch.mm(as_row, zhat[cols], out=dz[rows])
+    return dz
+
+
+def _differentiable_gradient(
+    zhat: torch.Tensor,
+    lse: torch.Tensor,
+    scaled_grad: torch.Tensor,
+    num_images: int,
+    inv_t: float,
+    negatives: str,
+    chunk_size: int,
+) -> torch.Tensor:
+    pieces = []
+    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
+        bias = zhat.new_zeros(rows.stop - rows.start, cols.stop - cols.start)
+        _excluded(bias, first, num_images).fill_(float("-inf"))
+        block = torch.mm(zhat[rows] * inv_t, zhat[cols].T) + bias
+        weights = (
+            torch.exp(block - lse[rows, None]) * scaled_grad[rows, None]
+            + torch.exp(block - lse[None, cols]) * scaled_grad[None, cols]
+        )
+        pieces.append(weights @ zhat[cols])
+    return torch.cat(pieces)
+
+
+def lse_gradient(
+    zhat: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
     batch_size: int,
     inv_temperature: float,
     negatives: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(start, stop, device=zhat.device)
-    mask = negative_mask(rows, zhat.shape[0], batch_size, negatives)
-    logits = (zhat[start:stop] @ zhat.T) * inv_temperature
-    return logits, mask
+    chunk_size: int,
+) -> torch.Tensor:
+    """``d (grad_lse . lse) / d zhat`` from the saved log-sum-exps, one block of rows at a time.
+
+    While autograd records (``torch.is_grad_enabled()``, as inside a backward with
+    ``create_graph=True``) it uses differentiable operations, so a second derivative flows through
+    ``zhat``, ``lse`` and ``grad_lse``; otherwise in-place operations that reuse each block.
+    """
+    scaled_grad = grad_lse * inv_temperature
+    compute = _differentiable_gradient if torch.is_grad_enabled() else _fast_gradient
+    return compute(zhat, lse, scaled_grad, batch_size, inv_temperature, negatives, chunk_size)
 
 
 class ChunkedNegativeLogSumExp(torch.autograd.Function):
-    """Row-chunked log-sum-exp over negatives whose backward recomputes the similarity blocks.
+    """Blockwise log-sum-exp over negatives; the forward keeps only the log-sum-exps.
 
-    Peak extra memory is O(chunk x M). The backward is written in differentiable operations, so
-    a second derivative (the exact meta-gradient) flows through it.
+    The backward recomputes each block of similarities; it is twice differentiable.
     """
 
     @staticmethod
@@ -69,12 +166,7 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
         negatives: str,
         chunk_size: int,
     ) -> torch.Tensor:
-        pieces = []
-        for start in range(0, zhat.shape[0], chunk_size):
-            stop = min(start + chunk_size, zhat.shape[0])
-            logits, mask = _chunk_logits(zhat, start, stop, batch_size, inv_temperature, negatives)
-            pieces.append(torch.logsumexp(logits.masked_fill_(~mask, float("-inf")), dim=1))
-        lse = torch.cat(pieces)
+        lse = _forward(zhat, batch_size, inv_temperature, negatives, chunk_size)
         ctx.save_for_backward(zhat, lse)
         ctx.config = (batch_size, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
         return lse
@@ -84,16 +176,8 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         zhat, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        batch_size, inv_temperature, negatives, chunk_size = ctx.config  # type: ignore[attr-defined]
-        pieces = []
-        for start in range(0, zhat.shape[0], chunk_size):
-            stop = min(start + chunk_size, zhat.shape[0])
-            logits, mask = _chunk_logits(zhat, start, stop, batch_size, inv_temperature, negatives)
-            as_row = torch.exp(logits - lse[start:stop, None]) * grad_lse[start:stop, None]
-            as_col = torch.exp(logits - lse[None, :]) * grad_lse[None, :]
-            weights = torch.where(mask, as_row + as_col, torch.zeros((), dtype=logits.dtype))
-            pieces.append((weights @ zhat) * inv_temperature)
-        return torch.cat(pieces), None, None, None, None
+        grad = lse_gradient(zhat, lse, grad_lse, *ctx.config)  # type: ignore[attr-defined]
+        return grad, None, None, None, None
 
 
 def chunked_negative_logsumexp(
@@ -103,9 +187,32 @@ def chunked_negative_logsumexp(
     negatives: str,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Log-sum-exp over each row's negatives with O(chunk x M) extra memory."""
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(zhat.shape[0])
-    result: torch.Tensor = ChunkedNegativeLogSumExp.apply(
-        zhat, batch_size, inv_temperature, negatives, chunk
+    """Log-sum-exp of ``inv_temperature * zhat_r . zhat_k`` over the negatives ``k`` of each row.
+
+    Half-precision inputs are computed in float32 and the result cast back.
+
+    Args:
+        zhat: (2N, D) projections, view 1 stacked over view 2.
+        batch_size: N, the number of images.
+        inv_temperature: 1 / tau.
+        negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
+        chunk_size: Rows per block (at most N); by default about ``BLOCK_ENTRIES`` similarities
+            per block.
+
+    Returns:
+        A (2N,) tensor in the dtype of ``zhat``.
+
+    Examples:
+        >>> zhat = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> chunked_negative_logsumexp(zhat, 4, 5.0, "all").shape
+        torch.Size([8])
+    """
+    check_stacked(zhat, batch_size)
+    chunk = default_chunk_size(batch_size, negatives) if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk}")
+    work = zhat if zhat.dtype in (torch.float32, torch.float64) else zhat.float()
+    lse: torch.Tensor = ChunkedNegativeLogSumExp.apply(
+        work.contiguous(), batch_size, inv_temperature, negatives, min(chunk, batch_size)
     )
-    return result
+    return lse.to(zhat.dtype)
