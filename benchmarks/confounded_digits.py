@@ -1,0 +1,230 @@
+"""``msr-loss digits`` / ``msr-loss demo``: the confounded-digits benchmark.
+
+Pretrains a small CNN with each method on digits whose background family is correlated with the
+label, evaluates frozen features on neutral test splits (see :mod:`digits_eval`), and writes the
+per-run CSV, the summary and paired-difference CSVs, a PNG figure and the printed tables to
+``--out``. Runs are paired by seed: same initialisation, batches and views for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from . import digits_report as report
+from .digits_data import ConfoundedDigits, build_confounded_digits
+from .digits_eval import evaluate
+from .digits_stats import Row
+from .digits_train import (
+    METHODS,
+    RELATIVE_COST,
+    TRAINED_ON_FOREGROUNDS,
+    TrainConfig,
+    train,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The methods, number of paired seeds and number of data draws of a mode."""
+
+    methods: tuple[str, ...]
+    seeds: int
+    draws: int
+
+
+PRESETS = {
+    "quick": Preset(("random", "simclr", "simclr_fg", "icl_msr"), seeds=3, draws=1),
+    "full": Preset(("random", "simclr", "simclr_fg", "icl_msr", "icl_fixed"), seeds=4, draws=2),
+}
+DEFAULT_OUT = Path("msr-loss-out") / "digits"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pretraining run: a method, a seed and a data draw."""
+
+    method: str
+    seed: int
+    draw: int
+    correlation: float
+    config: TrainConfig
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(draw: int, correlation: float) -> ConfoundedDigits:
+    return build_confounded_digits(seed=draw, correlation=correlation)
+
+
+def run_job(job: Job) -> Row:
+    """Trains and evaluates one run; returns its CSV row."""
+    data = _dataset(job.draw, job.correlation)
+    result = train(job.method, data, job.seed, job.config)
+    scores = evaluate(
+        result.encoder, data, trained_on_foregrounds=job.method in TRAINED_ON_FOREGROUNDS
+    )
+    return {
+        "method": job.method,
+        "seed": job.seed,
+        "draw": job.draw,
+        **scores,
+        "strata_shift_mean": result.strata_shift_mean,
+        "strata_shift_max": result.strata_shift_max,
+        "train_seconds": round(result.seconds, 1),
+    }
+
+
+def _single_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+
+
+def _run_all(jobs: Sequence[Job], workers: int, partial: Path) -> list[Row]:
+    """Runs every job; ``partial`` holds the rows finished so far, for interrupted runs."""
+    from tqdm import tqdm
+
+    ordered = sorted(jobs, key=lambda job: -RELATIVE_COST.get(job.method, 1.0))
+    rows = []
+    with tqdm(total=len(ordered), desc="pretraining runs", unit="run") as bar:
+        if workers == 1:
+            _single_thread()
+            for job in ordered:
+                rows.append(run_job(job))
+                report.write_csv(partial, rows)
+                bar.update()
+        else:
+            pool = ProcessPoolExecutor(workers, get_context("spawn"), initializer=_single_thread)
+            with pool:
+                for future in as_completed([pool.submit(run_job, job) for job in ordered]):
+                    rows.append(future.result())
+                    report.write_csv(partial, rows)
+                    bar.set_postfix_str(f"{rows[-1]['method']} seed {rows[-1]['seed']}")
+                    bar.update()
+    order = {(job.method, job.seed, job.draw): i for i, job in enumerate(jobs)}
+    return sorted(
+        rows, key=lambda row: order[(str(row["method"]), int(row["seed"]), int(row["draw"]))]
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msr-loss digits",
+        description="Confounded digits: SimCLR with and without ICL-MSR on digits whose "
+        "background is correlated with the label in training and not in testing.",
+        epilog="methods:\n" + "\n".join(f"  {name:<11} {text}" for name, text in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="quick mode (default)")
+    mode.add_argument("--full", action="store_true", help="the full mode of benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), metavar="METHOD", help="see below"
+    )
+    parser.add_argument("--seeds", type=int, help="number of paired seeds (0, 1, ...)")
+    parser.add_argument("--draws", type=int, help="number of data draws (0, 1, ...)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    parser.add_argument(
+        "--correlation", type=float, default=0.9, help="P(family c | class c) in training"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=type(getattr(defaults, field.name)),
+            default=getattr(defaults, field.name),
+            help=f"default {getattr(defaults, field.name)}",
+        )
+    return parser
+
+
+def _jobs(args: argparse.Namespace) -> list[Job]:
+    preset = PRESETS["full" if args.full else "quick"]
+    methods = args.methods or preset.methods
+    seeds = preset.seeds if args.seeds is None else args.seeds
+    draws = preset.draws if args.draws is None else args.draws
+    if seeds < 1 or draws < 1 or args.workers < 1:
+        raise ValueError("--seeds, --draws and --workers must be >= 1")
+    if not 0.0 <= args.correlation <= 1.0:
+        raise ValueError(f"--correlation must be in [0, 1], got {args.correlation}")
+    config = TrainConfig(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    )
+    return [
+        Job(method, seed, draw, args.correlation, config)
+        for draw in range(draws)
+        for seed in range(seeds)
+        for method in methods
+    ]
+
+
+def main(argv: list[str]) -> int:
+    """Runs the benchmark; ``msr-loss digits --help`` lists the options.
+
+    Args:
+        argv: Command-line arguments after ``digits``.
+
+    Returns:
+        The exit code (0 on success, 2 on bad arguments).
+
+    Examples:
+        >>> main(["--seeds", "1", "--epochs", "1", "--out", "/tmp/digits"])  # doctest: +SKIP
+        0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return 0 if stop.code is None else int(stop.code)
+    try:
+        jobs = _jobs(args)
+    except ValueError as error:
+        parser.print_usage(sys.stderr)
+        print(f"msr-loss digits: error: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"{len(jobs)} runs on {args.workers} processes; {jobs[0].config}", flush=True)
+    rows = _run_all(jobs, args.workers, args.out / "runs.partial.csv")
+    differences = report.paired_differences(rows)
+    text = "\n\n".join(
+        [
+            "Mean ± sd over runs (accuracies in %; bg_decod: lower is better):",
+            report.summary_table(rows),
+            f"Paired differences, mean ± sd (t); |t| < {report.NO_EFFECT_T} is 'no effect':",
+            report.paired_table(differences),
+            "The seed's 2x2 (paper protocol) and the positive control:",
+            "\n".join(report.seed_checks(rows, differences)),
+        ]
+    )
+    print("\n" + text)
+    report.write_csv(args.out / "runs.csv", rows)
+    (args.out / "runs.partial.csv").unlink()
+    report.write_csv(args.out / "paired.csv", [dataclasses.asdict(d) for d in differences])
+    (args.out / "tables.md").write_text(text + "\n")
+    report.plot(rows, args.out / "digits.png")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nwrote runs.csv, paired.csv, tables.md, digits.png to {args.out} ({minutes:.1f} min)")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    """The README's main job: the benchmark's quick mode (a few minutes on 2 CPU cores).
+
+    Examples:
+        >>> demo_main([])  # doctest: +SKIP
+        0
+    """
+    return main(["--quick", *argv])
