@@ -139,7 +139,7 @@ def seed_checks(rows: Sequence[Row], differences: Sequence[PairedDifference]) ->
 def write_csv(path: Path, records: Sequence[Mapping[str, object]]) -> None:
     """Writes ``records`` (dicts with the same keys) as CSV."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else [])
         writer.writeheader()
         writer.writerows(records)
 
