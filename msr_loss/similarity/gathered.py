@@ -10,6 +10,8 @@ routes back to the ranks that own them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from msr_loss.distributed import gather, rank, world_size
@@ -35,6 +37,24 @@ def _chunk_mask(
     return other_image & (row_view[:, None] != (cols // global_batch)[None, :])
 
 
+def _masked_blocks(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    first_image: int,
+    inv_temperature: float,
+    negatives: str,
+    chunk_size: int,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yields (start, stop, logits, negatives mask) for each chunk of rows against all columns."""
+    local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
+    for start in range(0, rows.shape[0], chunk_size):
+        stop = min(start + chunk_size, rows.shape[0])
+        mask = _chunk_mask(
+            start, stop, local_batch, first_image, global_batch, negatives, rows.device
+        )
+        yield start, stop, (rows[start:stop] @ columns.T) * inv_temperature, mask
+
+
 class GatheredNegativeLogSumExp(torch.autograd.Function):
     """Row-chunked log-sum-exp of local anchors against the global columns.
 
@@ -52,18 +72,14 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
         negatives: str,
         chunk_size: int,
     ) -> torch.Tensor:
-        local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
-        pieces = []
-        for start in range(0, rows.shape[0], chunk_size):
-            stop = min(start + chunk_size, rows.shape[0])
-            mask = _chunk_mask(
-                start, stop, local_batch, first_image, global_batch, negatives, rows.device
-            )
-            logits = (rows[start:stop] @ columns.T) * inv_temperature
-            pieces.append(torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1))
+        config = (first_image, inv_temperature, negatives, chunk_size)
+        pieces = [
+            torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+            for _, _, logits, mask in _masked_blocks(rows, columns, *config)
+        ]
         lse = torch.cat(pieces)
         ctx.save_for_backward(rows, columns, lse)
-        ctx.config = (first_image, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
+        ctx.config = config  # type: ignore[attr-defined]
         return lse
 
     @staticmethod
@@ -71,16 +87,11 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         rows, columns, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        first_image, inv_temperature, negatives, chunk_size = ctx.config  # type: ignore[attr-defined]
-        local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
+        config = ctx.config  # type: ignore[attr-defined]
+        inv_temperature = config[1]
         row_pieces = []
         grad_columns = torch.zeros_like(columns)
-        for start in range(0, rows.shape[0], chunk_size):
-            stop = min(start + chunk_size, rows.shape[0])
-            mask = _chunk_mask(
-                start, stop, local_batch, first_image, global_batch, negatives, rows.device
-            )
-            logits = (rows[start:stop] @ columns.T) * inv_temperature
+        for start, stop, logits, mask in _masked_blocks(rows, columns, *config):
             softmax = torch.exp(logits - lse[start:stop, None]) * grad_lse[start:stop, None]
             weights = torch.where(mask, softmax, torch.zeros((), dtype=logits.dtype))
             row_pieces.append((weights @ columns) * inv_temperature)
