@@ -9,8 +9,6 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-NEGATIVE_SETS = ("cross_view", "all")
-REDUCTIONS = ("mean", "sum", "none")
 _Loss = TypeVar("_Loss", bound=Callable[..., Any])
 
 

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from msr_loss._validation import (
-    NEGATIVE_SETS,
-    REDUCTIONS,
     check_choice,
     check_finite,
     check_floating,
@@ -21,6 +19,7 @@ from msr_loss._validation import (
 )
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
+from msr_loss.types import NEGATIVE_SETS, REDUCTIONS
 
 
 def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -19,8 +19,8 @@ from torch.func import functional_call
 
 from msr_loss._validation import check_choice
 from msr_loss.distributed import all_reduce_mean, broadcast_from_rank0
+from msr_loss.types import META_MODES
 
-MODES = ("exact", "finite_difference")
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], torch.Tensor]
 
@@ -174,7 +174,7 @@ class MetaUpdate:
         self.meta_optimizer = meta_optimizer
         self.encoder_optimizer = encoder_optimizer
         self.fixed_step = VirtualSGD(lr=lr) if lr is not None else None
-        self.mode = check_choice("mode", mode, MODES)
+        self.mode = check_choice("mode", mode, META_MODES)
         self.every = every
         self.calls = 0
 

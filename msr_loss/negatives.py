@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from msr_loss._validation import (
-    NEGATIVE_SETS,
     check_choice,
     check_finite,
     check_floating,
@@ -39,6 +38,7 @@ from msr_loss._validation import (
     without_autocast,
 )
 from msr_loss.functional import info_nce, interventional_loss
+from msr_loss.types import NEGATIVE_SETS
 
 PATCH_RANGE = (16 / 224, 72 / 224)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

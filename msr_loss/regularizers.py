@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msr_loss._validation import NEGATIVE_SETS, check_choice, check_temperature
+from msr_loss._validation import check_choice, check_temperature
 from msr_loss.functional import interventional_loss
+from msr_loss.types import NEGATIVE_SETS
 
 
 class MetaSemanticRegularizer(nn.Module):

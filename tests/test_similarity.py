@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from msr_loss.similarity import negative_logsumexp, triton_installed, uses_triton
-from msr_loss.similarity.reference import chunked_negative_logsumexp
+from msr_loss.similarity.blockwise import chunked_negative_logsumexp
 
 NEGATIVE_SETS = ["cross_view", "all"]
 

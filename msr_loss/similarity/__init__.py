@@ -1,6 +1,6 @@
 """The hot spot of every loss: the log-sum-exp over each anchor's negatives, and its backends.
 
-``"torch"`` is the blockwise PyTorch path (:mod:`msr_loss.similarity.reference`), on every device
+``"torch"`` is the blockwise PyTorch path (:mod:`msr_loss.similarity.blockwise`), on every device
 and differentiable twice. ``"triton"`` is the fused kernel (:mod:`msr_loss.similarity.triton`), for
 CUDA tensors, or CPU tensors under the Triton interpreter. ``"auto"`` picks Triton for CUDA tensors
 in a dtype it supports when the ``triton`` package is installed, and PyTorch otherwise.
@@ -15,9 +15,9 @@ from types import ModuleType
 
 import torch
 
-from msr_loss.similarity.reference import chunked_negative_logsumexp
+from msr_loss.similarity.blockwise import chunked_negative_logsumexp
+from msr_loss.types import BACKENDS
 
-BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MODULE = "msr_loss.similarity.triton"
 

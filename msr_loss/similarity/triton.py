@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from msr_loss.similarity.reference import (
+from msr_loss.similarity.blockwise import (
     check_stacked,
     chunked_negative_logsumexp,
     default_chunk_size,
