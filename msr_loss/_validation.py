@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -12,12 +13,80 @@ import torch
 _Loss = TypeVar("_Loss", bound=Callable[..., Any])
 
 
-def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
+def check_real(
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """The one check of a real-valued setting: a finite real number within the given bounds.
+
+    Python and NumPy numbers are accepted (``numbers.Real``); ``bool`` is not.
+
+    Args:
+        name: The argument's name, as the error message shows it.
+        value: The value to check.
+        above: Exclusive lower bound.
+        at_least: Inclusive lower bound.
+        at_most: Inclusive upper bound.
+
+    Returns:
+        ``value`` as a Python float.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is not finite or out of bounds.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_real("alpha", np.float32(0.5), above=0)
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    number = float(value)
+    bounds = []
+    if above is not None:
+        bounds.append(f"> {above}")
+    if at_least is not None:
+        bounds.append(f">= {at_least}")
+    if at_most is not None:
+        bounds.append(f"<= {at_most}")
+    in_range = (
+        math.isfinite(number)
+        and (above is None or number > above)
+        and (at_least is None or number >= at_least)
+        and (at_most is None or number <= at_most)
+    )
+    if not in_range:
+        wanted = " and ".join(["a finite number", *bounds]) if bounds else "a finite number"
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+    return number
+
+
+def check_integer(name: str, value: object, *, at_least: int | None = None) -> int:
+    """The one check of an integer setting (Python or NumPy integers; not ``bool``, not 1.5).
+
+    Examples:
+        >>> check_integer("every", 3, at_least=1)
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    number = int(value)
+    if at_least is not None and number < at_least:
+        raise ValueError(f"{name} must be >= {at_least}, got {number}")
+    return number
+
+
+def check_temperature(temperature: object, name: str = "temperature") -> float:
+    """A temperature: finite, > 0, and with an inverse that float32 can hold."""
+    value = check_real(name, temperature, above=0)
+    if not math.isfinite(1.0 / value) or 1.0 / value > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} is too small: 1/{name} overflows float32, got {value}")
+    return value
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

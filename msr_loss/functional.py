@@ -42,7 +42,7 @@ def _anchors_and_positives(
 
 def _negatives_lse(
     anchors: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     temperature: float,
     negatives: str,
     backend: str,
@@ -50,7 +50,7 @@ def _negatives_lse(
     gather_distributed: bool,
 ) -> torch.Tensor:
     lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
-    lse = lse_fn(anchors, batch_size, temperature, negatives, backend)
+    lse = lse_fn(anchors, num_images, temperature, negatives, backend)
     if extra_logits is None:
         return lse
     extra = check_floating("extra_negative_logits", extra_logits)

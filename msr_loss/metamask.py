@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from msr_loss._validation import (
+    check_real,
     check_temperature,
     check_views,
     compute_dtype,
@@ -99,14 +100,6 @@ class DimensionalMask(nn.Module):
         return f"num_features={self.logits.shape[0]}"
 
 
-def _check_off_diagonal_weight(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"off_diagonal_weight must be a float, got {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"off_diagonal_weight must be >= 0, got {value}")
-    return float(value)
-
-
 @without_autocast
 def barlow_twins(
     z1: torch.Tensor, z2: torch.Tensor, *, off_diagonal_weight: float = 5e-3
@@ -128,7 +121,7 @@ def barlow_twins(
     Examples:
         >>> loss = barlow_twins(torch.randn(16, 32), torch.randn(16, 32))
     """
-    off_diagonal_weight = _check_off_diagonal_weight(off_diagonal_weight)
+    off_diagonal_weight = check_real("off_diagonal_weight", off_diagonal_weight, at_least=0)
     z1, z2 = check_views(z1, z2)
     dtype = compute_dtype(z1.dtype)
     eps = torch.finfo(dtype).eps
@@ -174,7 +167,9 @@ class MetaMaskLoss(nn.Module):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        self.off_diagonal_weight = _check_off_diagonal_weight(off_diagonal_weight)
+        self.off_diagonal_weight = check_real(
+            "off_diagonal_weight", off_diagonal_weight, at_least=0
+        )
         self.temperature = check_temperature(temperature)
         self.contrastive_weight = float(contrastive_weight)
         self.backend = backend

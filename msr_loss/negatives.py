@@ -33,6 +33,7 @@ from msr_loss._validation import (
     check_choice,
     check_finite,
     check_floating,
+    check_real,
     check_temperature,
     compute_dtype,
     without_autocast,
@@ -53,14 +54,6 @@ def _check_images(images: object, dims: tuple[int, ...]) -> torch.Tensor:
     if images.numel() == 0:
         raise ValueError(f"images is empty, shape {tuple(images.shape)}")
     return images
-
-
-def _check_fraction(name: str, value: float, upper: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0 < value <= upper:
-        raise ValueError(f"{name} must be in (0, {upper}], got {value}")
-    return float(value)
 
 
 def _patch_layout(
@@ -134,8 +127,8 @@ def patch_negatives(
     images = _check_images(images, (4,))
     if len(patch_range) != 2:
         raise ValueError(f"patch_range must be a pair (low, high), got {patch_range!r}")
-    low = _check_fraction("patch_range[0]", patch_range[0])
-    high = _check_fraction("patch_range[1]", patch_range[1])
+    low = check_real("patch_range[0]", patch_range[0], above=0, at_most=1.0)
+    high = check_real("patch_range[1]", patch_range[1], above=0, at_most=1.0)
     if low > high:
         raise ValueError(f"patch_range must have low <= high, got {patch_range!r}")
     batch, _, height, width = images.shape
@@ -262,9 +255,9 @@ def texture_negatives(
         torch.Size([3, 24, 24])
     """
     images = _check_images(images, (3, 4))
-    crop_fraction = _check_fraction("crop_fraction", crop_fraction)
-    block_fraction = _check_fraction("block_fraction", block_fraction)
-    overlap_fraction = _check_fraction("overlap_fraction", overlap_fraction, upper=0.5)
+    crop_fraction = check_real("crop_fraction", crop_fraction, above=0, at_most=1.0)
+    block_fraction = check_real("block_fraction", block_fraction, above=0, at_most=1.0)
+    overlap_fraction = check_real("overlap_fraction", overlap_fraction, above=0, at_most=0.5)
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     height, width = images.shape[-2:]
@@ -347,14 +340,6 @@ def synthesize_texture_folder(
     return written
 
 
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-    return float(alpha)
-
-
 @without_autocast
 def non_semantic_logits(
     queries: torch.Tensor,
@@ -384,7 +369,7 @@ def non_semantic_logits(
         >>> loss = info_nce(z1, z2, temperature=0.2, extra_negative_logits=extra)
     """
     temperature = check_temperature(temperature)
-    alpha = _check_alpha(alpha)
+    alpha = check_real("alpha", alpha, above=0)
     queries = check_floating("queries", queries)
     negatives = check_floating("negatives", negatives)
     if queries.dim() != 2:
@@ -438,7 +423,7 @@ class NonSemanticContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_real("alpha", alpha, above=0)
         self.negatives = check_choice("negatives", negatives, NEGATIVE_SETS)
         self.backend = backend
         self.gather_distributed = gather_distributed

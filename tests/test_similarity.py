@@ -187,7 +187,7 @@ def test_rejects_an_unknown_backend():
 
 @pytest.mark.parametrize(("rows", "batch"), [(6, 2), (4, 1), (2, 1)])
 def test_rejects_rows_that_are_not_two_views_of_at_least_two_images(rows, batch):
-    with pytest.raises(ValueError, match=r"shape \(2N, D\) with N = batch_size >= 2"):
+    with pytest.raises(ValueError, match=r"shape \(2N, D\) with N = num_images >= 2"):
         chunked_negative_logsumexp(torch.zeros(rows, 3), batch, 2.0, "all")
 
 

@@ -83,7 +83,7 @@ def uses_triton(zhat: torch.Tensor, backend: str) -> bool:
 
 def negative_logsumexp(
     zhat: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     temperature: float,
     negatives: str,
     backend: str = "auto",
@@ -92,7 +92,7 @@ def negative_logsumexp(
 
     Args:
         zhat: (2N, D) unit-norm projections, view 1 stacked over view 2.
-        batch_size: N, the number of images.
+        num_images: N, the number of images.
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when installed).
@@ -107,9 +107,9 @@ def negative_logsumexp(
     """
     if uses_triton(zhat, backend):
         kernel = _triton_module().triton_negative_logsumexp
-        result: torch.Tensor = kernel(zhat, batch_size, 1.0 / temperature, negatives)
+        result: torch.Tensor = kernel(zhat, num_images, 1.0 / temperature, negatives)
         return result
-    return chunked_negative_logsumexp(zhat, batch_size, 1.0 / temperature, negatives)
+    return chunked_negative_logsumexp(zhat, num_images, 1.0 / temperature, negatives)
 
 
 __all__ = ["BACKENDS", "negative_logsumexp", "triton_installed", "uses_triton"]

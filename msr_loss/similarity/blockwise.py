@@ -20,19 +20,19 @@ import torch
 BLOCK_ENTRIES = 1 << 20
 
 
-def check_stacked(zhat: torch.Tensor, batch_size: int) -> None:
+def check_stacked(zhat: torch.Tensor, num_images: int) -> None:
     """Raises a ValueError unless ``zhat`` is a (2N, D) stack of two views with N >= 2."""
-    if batch_size < 2 or zhat.dim() != 2 or zhat.shape[0] != 2 * batch_size:
+    if num_images < 2 or zhat.dim() != 2 or zhat.shape[0] != 2 * num_images:
         raise ValueError(
-            f"zhat must have shape (2N, D) with N = batch_size >= 2; got shape "
-            f"{tuple(zhat.shape)} and batch_size {batch_size}"
+            f"zhat must have shape (2N, D) with N = num_images >= 2; got shape "
+            f"{tuple(zhat.shape)} and num_images {num_images}"
         )
 
 
-def default_chunk_size(batch_size: int, negatives: str) -> int:
+def default_chunk_size(num_images: int, negatives: str) -> int:
     """Rows per block so that a block of similarities holds about ``BLOCK_ENTRIES`` entries."""
-    num_cols = batch_size if negatives == "cross_view" else 2 * batch_size
-    return max(1, min(batch_size, BLOCK_ENTRIES // num_cols))
+    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    return max(1, min(num_images, BLOCK_ENTRIES // num_cols))
 
 
 def _blocks(num_images: int, negatives: str, chunk_size: int) -> Iterator[tuple[slice, slice, int]]:
@@ -135,7 +135,7 @@ def lse_gradient(
     zhat: torch.Tensor,
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     inv_temperature: float,
     negatives: str,
     chunk_size: int,
@@ -148,7 +148,7 @@ def lse_gradient(
     """
     scaled_grad = grad_lse * inv_temperature
     compute = _differentiable_gradient if torch.is_grad_enabled() else _fast_gradient
-    return compute(zhat, lse, scaled_grad, batch_size, inv_temperature, negatives, chunk_size)
+    return compute(zhat, lse, scaled_grad, num_images, inv_temperature, negatives, chunk_size)
 
 
 class ChunkedNegativeLogSumExp(torch.autograd.Function):
@@ -161,14 +161,14 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         zhat: torch.Tensor,
-        batch_size: int,
+        num_images: int,
         inv_temperature: float,
         negatives: str,
         chunk_size: int,
     ) -> torch.Tensor:
-        lse = _forward(zhat, batch_size, inv_temperature, negatives, chunk_size)
+        lse = _forward(zhat, num_images, inv_temperature, negatives, chunk_size)
         ctx.save_for_backward(zhat, lse)
-        ctx.config = (batch_size, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
+        ctx.config = (num_images, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
         return lse
 
     @staticmethod
@@ -182,7 +182,7 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
 
 def chunked_negative_logsumexp(
     zhat: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     inv_temperature: float,
     negatives: str,
     chunk_size: int | None = None,
@@ -193,7 +193,7 @@ def chunked_negative_logsumexp(
 
     Args:
         zhat: (2N, D) projections, view 1 stacked over view 2.
-        batch_size: N, the number of images.
+        num_images: N, the number of images.
         inv_temperature: 1 / tau.
         negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
         chunk_size: Rows per block (at most N); by default about ``BLOCK_ENTRIES`` similarities
@@ -207,12 +207,12 @@ def chunked_negative_logsumexp(
         >>> chunked_negative_logsumexp(zhat, 4, 5.0, "all").shape
         torch.Size([8])
     """
-    check_stacked(zhat, batch_size)
-    chunk = default_chunk_size(batch_size, negatives) if chunk_size is None else chunk_size
+    check_stacked(zhat, num_images)
+    chunk = default_chunk_size(num_images, negatives) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk}")
     work = zhat if zhat.dtype in (torch.float32, torch.float64) else zhat.float()
     lse: torch.Tensor = ChunkedNegativeLogSumExp.apply(
-        work.contiguous(), batch_size, inv_temperature, negatives, min(chunk, batch_size)
+        work.contiguous(), num_images, inv_temperature, negatives, min(chunk, num_images)
     )
     return lse.to(zhat.dtype)

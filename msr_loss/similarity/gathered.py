@@ -21,20 +21,20 @@ from msr_loss.similarity import BACKENDS, negative_logsumexp
 def _chunk_mask(
     start: int,
     stop: int,
-    local_batch: int,
+    num_images: int,
     first_image: int,
-    global_batch: int,
+    global_images: int,
     negatives: str,
     device: torch.device,
 ) -> torch.Tensor:
     local_rows = torch.arange(start, stop, device=device)
-    row_image = first_image + local_rows % local_batch
-    cols = torch.arange(2 * global_batch, device=device)
-    other_image = row_image[:, None] != (cols % global_batch)[None, :]
+    row_image = first_image + local_rows % num_images
+    cols = torch.arange(2 * global_images, device=device)
+    other_image = row_image[:, None] != (cols % global_images)[None, :]
     if negatives == "all":
         return other_image
-    row_view = local_rows // local_batch
-    return other_image & (row_view[:, None] != (cols // global_batch)[None, :])
+    row_view = local_rows // num_images
+    return other_image & (row_view[:, None] != (cols // global_images)[None, :])
 
 
 def _masked_blocks(
@@ -46,11 +46,11 @@ def _masked_blocks(
     chunk_size: int,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Yields (start, stop, logits, negatives mask) for each chunk of rows against all columns."""
-    local_batch, global_batch = rows.shape[0] // 2, columns.shape[0] // 2
+    num_images, global_images = rows.shape[0] // 2, columns.shape[0] // 2
     for start in range(0, rows.shape[0], chunk_size):
         stop = min(start + chunk_size, rows.shape[0])
         mask = _chunk_mask(
-            start, stop, local_batch, first_image, global_batch, negatives, rows.device
+            start, stop, num_images, first_image, global_images, negatives, rows.device
         )
         yield start, stop, (rows[start:stop] @ columns.T) * inv_temperature, mask
 
@@ -101,7 +101,7 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
 
 def gathered_negative_logsumexp(
     zhat: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     temperature: float,
     negatives: str,
     backend: str = "auto",
@@ -114,7 +114,7 @@ def gathered_negative_logsumexp(
 
     Args:
         zhat: (2n, D) this rank's unit-norm projections, view 1 stacked over view 2.
-        batch_size: n, this rank's number of images (the same on every rank).
+        num_images: n, this rank's number of images (the same on every rank).
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"``, over the global batch.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (single process only).
@@ -131,16 +131,16 @@ def gathered_negative_logsumexp(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ranks = world_size()
     if ranks == 1:
-        return negative_logsumexp(zhat, batch_size, temperature, negatives, backend)
+        return negative_logsumexp(zhat, num_images, temperature, negatives, backend)
     if backend == "triton":
         raise ValueError(
             "backend='triton' does not support gather_distributed=True; "
             "use backend='auto' or 'torch'"
         )
     dim = zhat.shape[1]
-    columns = gather(zhat).view(ranks, 2, batch_size, dim).transpose(0, 1).reshape(-1, dim)
+    columns = gather(zhat).view(ranks, 2, num_images, dim).transpose(0, 1).reshape(-1, dim)
     chunk = max(1, min(zhat.shape[0], (1 << 22) // columns.shape[0]))
     result: torch.Tensor = GatheredNegativeLogSumExp.apply(
-        zhat, columns, rank() * batch_size, 1.0 / temperature, negatives, chunk
+        zhat, columns, rank() * num_images, 1.0 / temperature, negatives, chunk
     )
     return result

@@ -232,11 +232,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch_config(
-    zhat: torch.Tensor, batch_size: int, blocks: Blocks
+    zhat: torch.Tensor, num_images: int, blocks: Blocks
 ) -> tuple[tuple[int, int], int, dict[str, object]]:
     dim = zhat.shape[1]
     block_d = max(16, min(blocks.dim, triton.next_power_of_2(dim)))
-    grid = (triton.cdiv(batch_size, blocks.rows), 2)
+    grid = (triton.cdiv(num_images, blocks.rows), 2)
     meta: dict[str, object] = {
         "BLOCK_M": blocks.rows,
         "BLOCK_N": blocks.cols,
@@ -262,7 +262,7 @@ def check_blocks(blocks: Blocks) -> None:
 
 def lse_forward(
     zhat: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     inv_temperature: float,
     negatives: str,
     blocks: Blocks = Blocks(),
@@ -270,12 +270,12 @@ def lse_forward(
     """The (2N,) float32 log-sum-exp over each row's negatives, computed by the fused kernel."""
     z = zhat.contiguous()
     lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-    grid, _, meta = _launch_config(z, batch_size, blocks)
+    grid, _, meta = _launch_config(z, num_images, blocks)
     with _on_device(z):
         _negative_lse_forward_kernel[grid](
             z,
             lse,
-            batch_size,
+            num_images,
             z.shape[1],
             float(inv_temperature),
             CROSS_VIEW=negatives == "cross_view",
@@ -288,14 +288,14 @@ def lse_backward(
     zhat: torch.Tensor,
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     inv_temperature: float,
     negatives: str,
     blocks: Blocks = Blocks(),
 ) -> torch.Tensor:
     """The float32 gradient of ``sum(grad_lse * lse)`` with respect to ``zhat``, row-parallel."""
     z = zhat.contiguous()
-    grid, block_d, meta = _launch_config(z, batch_size, blocks)
+    grid, block_d, meta = _launch_config(z, num_images, blocks)
     single_d = z.shape[1] <= block_d
     allocate = torch.empty if single_d else torch.zeros
     dz = allocate(z.shape, dtype=torch.float32, device=z.device)
@@ -305,7 +305,7 @@ def lse_backward(
             lse.float().contiguous(),
             grad_lse.float().contiguous(),
             dz,
-            batch_size,
+            num_images,
             z.shape[1],
             float(inv_temperature),
             CROSS_VIEW=negatives == "cross_view",
@@ -326,14 +326,14 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         zhat: torch.Tensor,
-        batch_size: int,
+        num_images: int,
         inv_temperature: float,
         negatives: str,
         blocks: Blocks,
     ) -> torch.Tensor:
-        lse = lse_forward(zhat, batch_size, inv_temperature, negatives, blocks)
+        lse = lse_forward(zhat, num_images, inv_temperature, negatives, blocks)
         ctx.save_for_backward(zhat, lse)
-        ctx.config = (batch_size, inv_temperature, negatives, blocks)  # type: ignore[attr-defined]
+        ctx.config = (num_images, inv_temperature, negatives, blocks)  # type: ignore[attr-defined]
         return lse.to(zhat.dtype)
 
     @staticmethod
@@ -341,22 +341,22 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         zhat, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        batch_size, inv_temperature, negatives, blocks = ctx.config  # type: ignore[attr-defined]
+        num_images, inv_temperature, negatives, blocks = ctx.config  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             work = zhat.float()
-            recorded = chunked_negative_logsumexp(work, batch_size, inv_temperature, negatives)
-            chunk = default_chunk_size(batch_size, negatives)
+            recorded = chunked_negative_logsumexp(work, num_images, inv_temperature, negatives)
+            chunk = default_chunk_size(num_images, negatives)
             grad = lse_gradient(
-                work, recorded, grad_lse.float(), batch_size, inv_temperature, negatives, chunk
+                work, recorded, grad_lse.float(), num_images, inv_temperature, negatives, chunk
             )
         else:
-            grad = lse_backward(zhat, lse, grad_lse, batch_size, inv_temperature, negatives, blocks)
+            grad = lse_backward(zhat, lse, grad_lse, num_images, inv_temperature, negatives, blocks)
         return grad.to(zhat.dtype), None, None, None, None
 
 
 def triton_negative_logsumexp(
     zhat: torch.Tensor,
-    batch_size: int,
+    num_images: int,
     inv_temperature: float,
     negatives: str,
     blocks: Blocks | None = None,
@@ -369,7 +369,7 @@ def triton_negative_logsumexp(
 
     Args:
         zhat: (2N, D) projections on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``).
-        batch_size: N, the number of images.
+        num_images: N, the number of images.
         inv_temperature: 1 / tau.
         negatives: ``"cross_view"`` or ``"all"``.
         blocks: Tile sizes, powers of two >= 16; defaults to :class:`Blocks`.
@@ -382,10 +382,10 @@ def triton_negative_logsumexp(
         >>> triton_negative_logsumexp(zhat, 4, 5.0, "all").shape  # doctest: +SKIP
         torch.Size([8])
     """
-    check_stacked(zhat, batch_size)
+    check_stacked(zhat, num_images)
     chosen = Blocks() if blocks is None else blocks
     check_blocks(chosen)
     lse: torch.Tensor = TritonNegativeLogSumExp.apply(
-        zhat, batch_size, inv_temperature, negatives, chosen
+        zhat, num_images, inv_temperature, negatives, chosen
     )
     return lse
