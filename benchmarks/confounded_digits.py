@@ -1,9 +1,10 @@
 """``msr-loss digits`` / ``msr-loss demo``: the confounded-digits benchmark.
 
-Pretrains a small CNN with each method on digits whose background family is correlated with the
-label, evaluates frozen features on neutral test splits (see :mod:`digits_eval`), and writes the
-per-run CSV, the summary and paired-difference CSVs, a PNG figure and the printed tables to
-``--out``. Runs are paired by seed: same initialisation, batches and views for every method.
+Pretrains a small CNN (or a timm backbone) with each method on digits whose background family is
+correlated with the label, evaluates frozen features on neutral test splits and the Background
+Challenge's splits (see :mod:`digits_eval`), and writes the per-run CSV, the paired-difference CSV
+(t-tests, CIs, minimum detectable effects), a PNG figure and the printed tables to ``--out``. Runs
+are paired by seed: same initialisation, batches and views for every method.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 
 from . import digits_report as report
-from .digits_data import ConfoundedDigits, build_confounded_digits
+from .digits_data import DATASETS, ConfoundedDigits, Dataset, build_confounded_digits
 from .digits_eval import evaluate
+from .digits_models import check_backbone
 from .digits_stats import Row
 from .digits_train import (
     METHODS,
@@ -36,18 +38,40 @@ from .digits_train import (
 
 @dataclass(frozen=True)
 class Preset:
-    """The methods, number of paired seeds and number of data draws of a mode."""
+    """The methods, paired seeds, data draws and backgrounds per evaluation digit of a mode."""
 
     methods: tuple[str, ...]
     seeds: int
     draws: int
+    backgrounds: int
 
 
+FULL_METHODS = (
+    "random",
+    "simclr",
+    "simclr_fg",
+    "icl_msr",
+    "icl_fixed",
+    "patch_neg",
+    "metamask",
+    "barlow",
+    "barlow_icl",
+)
 PRESETS = {
-    "quick": Preset(("random", "simclr", "simclr_fg", "icl_msr"), seeds=3, draws=1),
-    "full": Preset(("random", "simclr", "simclr_fg", "icl_msr", "icl_fixed"), seeds=4, draws=2),
+    "quick": Preset(("random", "simclr", "simclr_fg", "icl_msr"), seeds=4, draws=1, backgrounds=5),
+    "full": Preset(FULL_METHODS, seeds=4, draws=2, backgrounds=5),
 }
 DEFAULT_OUT = Path("msr-loss-out") / "digits"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset of a run (see :func:`build_confounded_digits`)."""
+
+    dataset: Dataset
+    correlation: float
+    backgrounds: int
+    max_samples: int | None
 
 
 @dataclass(frozen=True)
@@ -57,18 +81,24 @@ class Job:
     method: str
     seed: int
     draw: int
-    correlation: float
+    data: DataConfig
     config: TrainConfig
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(draw: int, correlation: float) -> ConfoundedDigits:
-    return build_confounded_digits(seed=draw, correlation=correlation)
+@functools.lru_cache(maxsize=2)
+def _dataset(draw: int, data: DataConfig) -> ConfoundedDigits:
+    return build_confounded_digits(
+        seed=draw,
+        dataset=data.dataset,
+        correlation=data.correlation,
+        backgrounds_per_digit=data.backgrounds,
+        max_samples=data.max_samples,
+    )
 
 
 def run_job(job: Job) -> Row:
     """Trains and evaluates one run; returns its CSV row."""
-    data = _dataset(job.draw, job.correlation)
+    data = _dataset(job.draw, job.data)
     result = train(job.method, data, job.seed, job.config)
     scores = evaluate(
         result.encoder, data, trained_on_foregrounds=job.method in TRAINED_ON_FOREGROUNDS
@@ -132,11 +162,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods", nargs="+", choices=list(METHODS), metavar="METHOD", help="see below"
     )
-    parser.add_argument("--seeds", type=int, help="number of paired seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, help="number of paired seeds")
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="first seed (default 0: seeds 0, 1, ...)"
+    )
     parser.add_argument("--draws", type=int, help="number of data draws (0, 1, ...)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument(
+        "--dataset", choices=DATASETS, default="digits", help="scikit-learn's digits or MNIST"
+    )
+    parser.add_argument(
         "--correlation", type=float, default=0.9, help="P(family c | class c) in training"
+    )
+    parser.add_argument(
+        "--backgrounds-per-digit",
+        type=int,
+        help="independent backgrounds per digit in the evaluation splits (quick and full: 5)",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, help="use only the first N digits (for smoke tests)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     defaults = TrainConfig()
@@ -155,17 +199,24 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     methods = args.methods or preset.methods
     seeds = preset.seeds if args.seeds is None else args.seeds
     draws = preset.draws if args.draws is None else args.draws
-    if seeds < 1 or draws < 1 or args.workers < 1:
-        raise ValueError("--seeds, --draws and --workers must be >= 1")
+    backgrounds = (
+        preset.backgrounds if args.backgrounds_per_digit is None else (args.backgrounds_per_digit)
+    )
+    if seeds < 1 or draws < 1 or args.workers < 1 or backgrounds < 1:
+        raise ValueError("--seeds, --draws, --workers and --backgrounds-per-digit must be >= 1")
+    if args.seed_offset < 0:
+        raise ValueError(f"--seed-offset must be >= 0, got {args.seed_offset}")
     if not 0.0 <= args.correlation <= 1.0:
         raise ValueError(f"--correlation must be in [0, 1], got {args.correlation}")
     config = TrainConfig(
         **{field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
     )
+    check_backbone(config.backbone)
+    data = DataConfig(args.dataset, args.correlation, backgrounds, args.max_samples)
     return [
-        Job(method, seed, draw, args.correlation, config)
+        Job(method, seed, draw, data, config)
         for draw in range(draws)
-        for seed in range(seeds)
+        for seed in range(args.seed_offset, args.seed_offset + seeds)
         for method in methods
     ]
 
@@ -196,15 +247,24 @@ def main(argv: list[str]) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"{len(jobs)} runs on {args.workers} processes; {jobs[0].config}", flush=True)
+    print(
+        f"{len(jobs)} runs on {args.workers} processes; {jobs[0].data}; {jobs[0].config}",
+        flush=True,
+    )
     rows = _run_all(jobs, args.workers, args.out / "runs.partial.csv")
     differences = report.paired_differences(rows)
     text = "\n\n".join(
         [
-            "Mean ± sd over runs (accuracies in %; bg_decod: lower is better):",
+            "Mean ± sd over runs (accuracies in %; bg_decod, paper_lin_bg, bg_gap: lower is "
+            "better):",
             report.summary_table(rows),
-            f"Paired differences, mean ± sd (t); |t| < {report.NO_EFFECT_T} is 'no effect':",
+            "The Background Challenge's splits (Xiao et al. 2021), paper-protocol linear probe:",
+            report.challenge_table(rows),
+            "Paired differences, mean [95% CI] and two-sided p (t test, pairs - 1 df):",
             report.paired_table(differences),
+            report.multiplicity_note(differences),
+            "Minimum detectable effect at this run's size (80% power, 5% two-sided), in points:",
+            report.detectable_table(differences),
             "The seed's 2x2 (paper protocol) and the positive control:",
             "\n".join(report.seed_checks(rows, differences)),
         ]
@@ -214,7 +274,7 @@ def main(argv: list[str]) -> int:
     (args.out / "runs.partial.csv").unlink()
     report.write_csv(args.out / "paired.csv", [dataclasses.asdict(d) for d in differences])
     (args.out / "tables.md").write_text(text + "\n")
-    report.plot(rows, args.out / "digits.png")
+    report.plot(rows, differences, args.out / "digits.png")
     minutes = (time.perf_counter() - start) / 60
     print(f"\nwrote runs.csv, paired.csv, tables.md, digits.png to {args.out} ({minutes:.1f} min)")
     return 0

@@ -5,7 +5,9 @@ Two protocols, side by side:
 - The paper's: probes fit on the pretraining domain (correlated full images, or foregrounds for
   a foreground-trained encoder), tested on full images whose background is correlated with the
   label as in training (like the paper's natural images), on shifted full images and on
-  foregrounds.
+  foregrounds. With the linear probe these are the Background Challenge's (Xiao et al., ICLR
+  2021) Original, Mixed-Rand and Only-FG; Mixed-Same and Only-BG-T are added, and
+  BG-Gap = acc(Mixed-Same) - acc(Mixed-Rand).
 - Neutral probes: background decodability (a linear probe predicting the background family,
   lower is better), and the digit probe fit on shifted-background training images and tested on
   shifted test images ("neutral shift"), or fit and tested on foregrounds.
@@ -30,6 +32,9 @@ METRICS = {
     "paper_lin_corr": "paper protocol, linear probe, correlated full test images, %",
     "paper_lin_full": "paper protocol, linear probe, shifted full test images, %",
     "paper_lin_fg": "paper protocol, linear probe, foreground test images, %",
+    "paper_lin_same": "paper protocol, linear probe, digits on their class's family, %",
+    "paper_lin_bg": "paper protocol, linear probe, backgrounds of paper_lin_same alone, %",
+    "bg_gap": "BG-Gap: paper_lin_same - paper_lin_full, points (lower is better)",
     "paper_knn_corr": "paper protocol, 5-NN, correlated full test images, %",
     "paper_knn_full": "paper protocol, 5-NN, shifted full test images, %",
     "paper_knn_fg": "paper protocol, 5-NN, foreground test images, %",
@@ -100,9 +105,14 @@ def evaluate(
     pretrain = train_fg if trained_on_foregrounds else features(encoder, data.train.images)
     families = (data.train_neutral.families.numpy(), data.test.families.numpy())
     full_test, fg_test = (test_full, labels["test"]), (test_fg, labels["test"])
-    tests = (test_corr, labels["test"]), full_test, fg_test
+    tests = (test_corr, labels["test_correlated"]), full_test, fg_test
+    challenge = [
+        (features(encoder, split.images), split.labels.numpy())
+        for split in (data.test_same, data.test_only_bg)
+    ]
     paper_train = (pretrain, labels["train"])
-    paper_lin, paper_knn = _linear(paper_train, *tests), _knn(paper_train, *tests)
+    paper_lin = _linear(paper_train, *tests, *challenge)
+    paper_knn = _knn(paper_train, *tests)
     return {
         "bg_decod": _linear((neutral, families[0]), (test_full, families[1]))[0],
         "neutral_shift": _linear((neutral, labels["train_neutral"]), full_test)[0],
@@ -110,6 +120,9 @@ def evaluate(
         "paper_lin_corr": paper_lin[0],
         "paper_lin_full": paper_lin[1],
         "paper_lin_fg": paper_lin[2],
+        "paper_lin_same": paper_lin[3],
+        "paper_lin_bg": paper_lin[4],
+        "bg_gap": paper_lin[3] - paper_lin[1],
         "paper_knn_corr": paper_knn[0],
         "paper_knn_full": paper_knn[1],
         "paper_knn_fg": paper_knn[2],

@@ -1,4 +1,4 @@
-"""The small CNN encoder of the confounded-digits benchmark and its batched view augmentation."""
+"""The encoder of the confounded-digits benchmark (a small CNN or a timm model) and its views."""
 
 from __future__ import annotations
 
@@ -17,38 +17,71 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def _small_cnn(width: int) -> nn.Sequential:
+    return nn.Sequential(
+        _block(1, width),
+        nn.MaxPool2d(2),
+        _block(width, 2 * width),
+        nn.MaxPool2d(2),
+        _block(2 * width, 4 * width),
+        nn.MaxPool2d(2),
+        _block(4 * width, 8 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def check_backbone(name: str) -> None:
+    """Raises ValueError unless ``name`` is ``"cnn"`` or a timm model name.
+
+    Examples:
+        >>> check_backbone("cnn")
+    """
+    if name == "cnn":
+        return
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"backbone must be 'cnn' or a timm model name, got {name!r}")
+
+
+def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+    import timm
+
+    check_backbone(name)
+    model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
+    return model, int(model.num_features)
+
+
 class DigitsEncoder(nn.Module):
-    """A 4-layer CNN backbone (features) followed by a 2-layer MLP projector (projections).
+    """A backbone (features) followed by a 2-layer MLP projector (projections).
 
     Args:
-        width: Channels of the first layer, doubled by each of the next three; the feature
-            dimension is ``8 * width``.
+        width: Channels of the small CNN's first layer, doubled by each of the next three; its
+            feature dimension is ``8 * width``. Ignored for a timm backbone.
         projection_dim: Output dimension of the projector.
+        backbone: ``"cnn"``, the 4-layer CNN, or the name of a timm model (e.g.
+            ``"resnet10t"``), built untrained with ``in_chans=1`` and no classifier.
 
     Examples:
         >>> encoder = DigitsEncoder(width=8)
         >>> encoder(torch.rand(2, 1, 32, 32)).shape
         torch.Size([2, 32])
+        >>> DigitsEncoder(backbone="resnet10t").feature_dim
+        512
     """
 
-    def __init__(self, width: int = 8, projection_dim: int = 32) -> None:
+    def __init__(self, width: int = 8, projection_dim: int = 32, backbone: str = "cnn") -> None:
         super().__init__()
         if width < 1 or projection_dim < 1:
             raise ValueError(
                 f"width and projection_dim must be >= 1, got {width} and {projection_dim}"
             )
-        self.feature_dim = 8 * width
-        self.backbone = nn.Sequential(
-            _block(1, width),
-            nn.MaxPool2d(2),
-            _block(width, 2 * width),
-            nn.MaxPool2d(2),
-            _block(2 * width, 4 * width),
-            nn.MaxPool2d(2),
-            _block(4 * width, 8 * width),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
+        if backbone == "cnn":
+            self.backbone: nn.Module = _small_cnn(width)
+            self.feature_dim = 8 * width
+        else:
+            self.backbone, self.feature_dim = _timm_backbone(backbone)
         self.projector = nn.Sequential(
             nn.Linear(self.feature_dim, self.feature_dim),
             nn.ReLU(inplace=True),

@@ -47,7 +47,8 @@ class TrainConfig:
         batch_size: Images per step (two views each); the last partial batch is dropped.
         lr: Adam learning rate of the encoder.
         temperature: Temperature of NT-Xent, of the ICL-MSR loss and of the meta objective.
-        width: Encoder width (feature dimension ``8 * width``).
+        width: Width of the small CNN (feature dimension ``8 * width``).
+        backbone: ``"cnn"`` (the small CNN) or a timm model name, e.g. ``"resnet10t"``.
         projection_dim: Projection dimension D.
         num_strata: ICL-MSR's number of strata n.
         beta: Weight of the ICL-MSR loss.
@@ -61,6 +62,7 @@ class TrainConfig:
     lr: float = 1e-3
     temperature: float = 0.2
     width: int = 8
+    backbone: str = "cnn"
     projection_dim: int = 32
     num_strata: int = 8
     beta: float = 1.0
@@ -222,7 +224,7 @@ def train(method: str, data: ConfoundedDigits, seed: int, config: TrainConfig) -
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     torch.manual_seed(seed)
-    encoder = DigitsEncoder(config.width, config.projection_dim)
+    encoder = DigitsEncoder(config.width, config.projection_dim, config.backbone)
     objective = _objective(method, encoder, config, seed)
     initial = None if objective.learned is None else objective.learned().detach().clone()
     start = time.perf_counter()

