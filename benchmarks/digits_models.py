@@ -50,7 +50,9 @@ def _timm_backbone(name: str) -> tuple[nn.Module, int]:
 
     check_backbone(name)
     model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
-    return model, int(model.num_features)
+    with torch.no_grad():
+        width = model.eval()(torch.zeros(1, 1, 32, 32)).shape[-1]
+    return model.train(), int(width)
 
 
 class DigitsEncoder(nn.Module):

@@ -15,9 +15,10 @@ pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from msr_loss import cli
 from msr_loss.benchmarks.confounded_digits import PRESETS
 from msr_loss.benchmarks.digits_eval import METRICS
+
+from msr_loss import cli
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--width", "4", "--max-samples", "150"]
 TINY += ["--backgrounds-per-digit", "2", "--workers", "1"]
@@ -148,3 +149,14 @@ def test_bad_arguments_exit_2_naming_them(
 def test_unknown_dataset_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["digits", "--dataset", "cifar"]) == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_power_table_from_the_written_runs(
+    run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from msr_loss.benchmarks import digits_power
+
+    assert digits_power.main([str(run[0] / "runs.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("metric") and lines[2].startswith("bg_decod")
+    assert all(len(line.split("|")) == 3 for line in lines[1:])
