@@ -114,14 +114,14 @@ def paired_differences(rows: Sequence[Row]) -> list[PairedDifference]:
 
 def _p_text(p: float) -> str:
     if math.isnan(p):
-        return "n/a"
-    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+        return "=n/a"
+    return f"={p:.3f}" if p >= 0.001 else "<0.001"
 
 
 def _difference_text(d: PairedDifference) -> str:
     if math.isnan(d.ci_low):
         return f"{d.mean:+.1f} (n=1)"
-    return f"{d.mean:+.1f} [{d.ci_low:+.1f}, {d.ci_high:+.1f}] p={_p_text(d.p)}"
+    return f"{d.mean:+.1f} [{d.ci_low:+.1f}, {d.ci_high:+.1f}] p{_p_text(d.p)}"
 
 
 def _by_comparison(
