@@ -93,6 +93,7 @@ def evaluate(
         Accuracies in percent, keyed by metric name.
 
     Examples:
+        >>> from msr_loss.benchmarks.digits_data import build_confounded_digits
         >>> data = build_confounded_digits(seed=0, max_samples=100)
         >>> scores = evaluate(DigitsEncoder(width=4), data, trained_on_foregrounds=False)
     """

@@ -219,6 +219,7 @@ def train(method: str, data: ConfoundedDigits, seed: int, config: TrainConfig) -
         ValueError: On an unknown method.
 
     Examples:
+        >>> from msr_loss.benchmarks.digits_data import build_confounded_digits
         >>> data = build_confounded_digits(seed=0, max_samples=100)
         >>> result = train("simclr", data, seed=0, config=TrainConfig(epochs=1, batch_size=32))
     """
