@@ -162,8 +162,7 @@ def interventional_loss(
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
     extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
-    dtypes = [t.dtype for t in (z1, z2, strata, extra) if t is not None]
-    dtype = compute_dtype(*dtypes)
+    dtype = compute_dtype(*[t.dtype for t in (z1, z2, strata, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = stratified_positive_logits(
         anchors, positives, scale_rows(strata.to(dtype)), temperature
