@@ -1,7 +1,7 @@
 """msr-loss: interventional contrastive losses against non-semantic confounders."""
 
 from msr_loss.functional import info_nce, interventional_loss, nt_xent
-from msr_loss.meta import MetaUpdate, VirtualSGD
+from msr_loss.meta import MetaUpdate
 from msr_loss.metamask import (
     DimensionalMask,
     MetaMaskLoss,
@@ -17,6 +17,7 @@ from msr_loss.negatives import (
     texture_negatives,
 )
 from msr_loss.regularizers import MetaSemanticRegularizer
+from msr_loss.virtual_step import VirtualAdam, VirtualLARS, VirtualSGD
 
 __all__ = [
     "DimensionalMask",
@@ -26,6 +27,8 @@ __all__ = [
     "MetaSemanticRegularizer",
     "MetaUpdate",
     "NonSemanticContrastiveLoss",
+    "VirtualAdam",
+    "VirtualLARS",
     "VirtualSGD",
     "barlow_twins",
     "info_nce",

@@ -140,8 +140,9 @@ class MetaUpdate:
         every: Update the meta parameters on every ``every``-th call of :meth:`step`.
 
     Raises:
-        ValueError: A setting is out of range, ``meta_optimizer`` misses a meta parameter or a
-            meta parameter does not require grad.
+        TypeError: ``lr`` is not a real number or ``every`` not an integer.
+        ValueError: A setting is out of range or not finite, ``meta_optimizer`` misses a meta
+            parameter, or a meta parameter does not require grad.
 
     Examples:
         >>> from msr_loss import MetaSemanticRegularizer, info_nce
