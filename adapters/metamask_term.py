@@ -12,7 +12,7 @@ from torch import nn
 from msr_loss._validation import check_choice, check_temperature
 from msr_loss.meta import Forward
 from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskUpdate
-from msr_loss.types import META_MODES
+from msr_loss.types import META_MODES, Backend, MetaMode
 
 from .terms import AuxiliaryTerm, StepContext, backbone_of, flags_from_block
 
@@ -51,8 +51,8 @@ class MetaMaskFlags:
     mask_momentum: float = 0.9
     mask_weight_decay: float = 5e-4
     meta_every: int = 1
-    meta_mode: str = "finite_difference"
-    backend: str = "auto"
+    meta_mode: MetaMode = "finite_difference"
+    backend: Backend = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 

@@ -11,6 +11,7 @@ import torch
 from msr_loss.functional import info_nce
 from msr_loss.meta import MetaUpdate
 from msr_loss.regularizers import MetaSemanticRegularizer
+from msr_loss.types import Backend, MetaMode, NegativeSet
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -43,10 +44,10 @@ class MSRFlags:
     temperature: float = 0.2
     meta_lr: float = 1e-2
     meta_every: int = 1
-    meta_mode: str = "finite_difference"
-    negatives: str = "cross_view"
+    meta_mode: MetaMode = "finite_difference"
+    negatives: NegativeSet = "cross_view"
     init_std: float = 1.0
-    backend: str = "auto"
+    backend: Backend = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 

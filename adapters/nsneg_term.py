@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from msr_loss.negatives import PATCH_RANGE, NonSemanticContrastiveLoss, patch_negatives
+from msr_loss.losses import NonSemanticContrastiveLoss
+from msr_loss.negatives import PATCH_RANGE, patch_negatives
+from msr_loss.types import Backend, NegativeSet
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -38,8 +40,8 @@ class NSNegFlags:
     alpha: float = 2.0
     patch_min: float = PATCH_RANGE[0]
     patch_max: float = PATCH_RANGE[1]
-    negatives: str = "cross_view"
-    backend: str = "auto"
+    negatives: NegativeSet = "cross_view"
+    backend: Backend = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
