@@ -1,32 +1,37 @@
-"""The losses for V > 2 views of each image (multi-crop): every view an anchor, the others positives.
+"""The losses for V > 2 views of each image (multi-crop): each view an anchor, the others positives.
 
 For anchor view ``j`` of image ``i`` and each other view ``p`` of the same image as the positive,
-the two-view term is taken with the negatives of :func:`msr_loss.similarity.views.
-multiview_negative_logsumexp`; an anchor's value is the mean over its V - 1 positives. The
-public entry points are :func:`msr_loss.interventional_loss` and :func:`msr_loss.info_nce` with
+the two-view term is taken with the negatives that
+:func:`~msr_loss.similarity.views.multiview_negative_logsumexp` gives the pair; an anchor's value
+is the mean over its V - 1 positives. The public entry points are
+:func:`msr_loss.interventional_loss`, :func:`msr_loss.info_nce` and :func:`msr_loss.nt_xent` with
 ``more_views``; for V = 2 they do not come here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from msr_loss._validation import check_finite, check_floating, check_views
+from msr_loss._validation import check_finite, check_floating, check_views, compute_dtype
 from msr_loss.similarity.views import multiview_negative_logsumexp
 
 
-def check_all_views(
-    z1: object, z2: object, more_views: Sequence[object]
-) -> list[torch.Tensor]:
-    """``[z1, z2, *more_views]`` checked: floating (N, D) tensors of one shape and device."""
+def more_views_given(more_views: Sequence[object]) -> bool:
+    """Whether ``more_views`` holds any view; a tensor (not a sequence of them) is refused."""
     if isinstance(more_views, torch.Tensor):
         raise TypeError(
             "more_views must be a sequence of (N, D) tensors, got a tensor; pass list(tensor)"
         )
+    return len(more_views) > 0
+
+
+def check_all_views(z1: object, z2: object, more_views: Sequence[object]) -> list[torch.Tensor]:
+    """``[z1, z2, *more_views]`` checked: floating (N, D) tensors of one shape and device."""
     z1, z2 = check_views(z1, z2)
     views = [z1, z2]
     for index, view in enumerate(more_views):
@@ -41,6 +46,10 @@ def check_all_views(
         check_finite(name, view)
         views.append(view)
     return views
+
+
+def _dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    return compute_dtype(functools.reduce(torch.promote_types, [t.dtype for t in tensors]))
 
 
 def _unit(views: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -89,9 +98,9 @@ def multiview_interventional(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
-    dtype: torch.dtype,
 ) -> torch.Tensor:
     """(V N,) interventional loss per anchor for checked ``views`` and ``strata`` (n, D)."""
+    dtype = _dtype([*views, strata])
     unit = _unit(views, dtype)
     strata = strata.to(dtype)
     tiny = torch.finfo(dtype).tiny
@@ -122,10 +131,9 @@ def multiview_info_nce(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
-    dtype: torch.dtype,
 ) -> torch.Tensor:
     """(V N,) InfoNCE loss per anchor for checked ``views``."""
-    unit = _unit(views, dtype)
+    unit = _unit(views, _dtype(views))
     positive = torch.stack(
         [
             torch.stack([(unit[j] * unit[p]).sum(dim=1) for p in others])

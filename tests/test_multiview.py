@@ -64,6 +64,7 @@ def test_interventional_loss_matches_the_plain_loop(num_views, negatives):
             strict=True,
         ):
             close(a, b)
+    expected = seed_multiview_interventional_loss(views, strata, TAU, negatives)
     close(icl(views, strata, negatives=negatives), expected.mean())
     close(icl(views, strata, negatives=negatives, reduction="sum"), expected.sum())
 
@@ -78,9 +79,13 @@ def test_info_nce_and_nt_xent_are_the_one_stratum_identity(negatives):
     ones = torch.ones(1, 5, dtype=torch.float64)
     expected = seed_multiview_interventional_loss(views, ones, TAU, negatives)
     got = info_nce(
-        views[0], views[1], temperature=TAU, negatives=negatives, reduction="none",
+        views[0],
+        views[1],
+        temperature=TAU,
+        negatives=negatives,
+        reduction="none",
         more_views=views[2:],
-    )  # fmt: skip
+    )
     close(got, expected)
     if negatives == "all":
         close(nt_xent(views[0], views[1], temperature=TAU, more_views=views[2:]), expected.mean())
@@ -112,9 +117,14 @@ def test_any_shape_matches_the_plain_loop(
 ):
     views, strata = draw_views(num_views, batch, dim, seed), draw_strata(num_strata, dim, seed)
     got = interventional_loss(
-        views[0], views[1], strata, temperature=temperature, negatives=negatives,
-        reduction="none", more_views=views[2:],
-    )  # fmt: skip
+        views[0],
+        views[1],
+        strata,
+        temperature=temperature,
+        negatives=negatives,
+        reduction="none",
+        more_views=views[2:],
+    )
     close(got, seed_multiview_interventional_loss(views, strata, temperature, negatives))
 
 
@@ -126,11 +136,11 @@ def test_two_views_are_todays_loss(negatives):
     for fn in (info_nce, InfoNCELoss(temperature=TAU, negatives=negatives)):
         kwargs = {"temperature": TAU, "negatives": negatives} if fn is info_nce else {}
         assert torch.equal(fn(*views, more_views=(), **kwargs), fn(*views, **kwargs))
-    composed = multiview_interventional(
-        views, strata, TAU, negatives, "torch", None, False, torch.float64
+    composed = multiview_interventional(views, strata, TAU, negatives, "torch", None, False)
+    close(
+        composed,
+        interventional_loss(*views, strata, temperature=TAU, negatives=negatives, reduction="none"),
     )
-    close(composed, interventional_loss(*views, strata, temperature=TAU, negatives=negatives,
-                                        reduction="none"))  # fmt: skip
 
 
 @pytest.mark.parametrize("negatives", NEGATIVES)
@@ -170,9 +180,14 @@ def test_no_tensor_of_all_views_against_all_views_is_formed(negatives):
     strata = torch.rand(16, dim, requires_grad=True)
     with LargestTensor() as record:
         loss = interventional_loss(
-            views[0], views[1], strata, temperature=TAU, negatives=negatives,
-            more_views=views[2:], backend="torch",
-        )  # fmt: skip
+            views[0],
+            views[1],
+            strata,
+            temperature=TAU,
+            negatives=negatives,
+            more_views=views[2:],
+            backend="torch",
+        )
         loss.backward()
     # Two views' stack against itself is (2N)^2 entries; all views against all views (VN)^2.
     assert record.largest <= (2 * batch) ** 2 < (num_views * batch) ** 2
