@@ -360,6 +360,7 @@ def triton_negative_logsumexp(
     inv_temperature: float,
     negatives: str,
     blocks: Blocks | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Log-sum-exp of ``inv_temperature * zhat_r . zhat_k`` over each row's negatives, fused.
 
@@ -373,6 +374,7 @@ def triton_negative_logsumexp(
         inv_temperature: 1 / tau.
         negatives: ``"cross_view"`` or ``"all"``.
         blocks: Tile sizes, powers of two >= 16; defaults to :class:`Blocks`.
+        precision: ``"bf16"`` reads bfloat16 tiles; ``"fp32"`` and ``"tf32"`` read ``zhat`` as is.
 
     Returns:
         A (2N,) tensor in the dtype of ``zhat``.
@@ -385,7 +387,8 @@ def triton_negative_logsumexp(
     check_stacked(zhat, num_images)
     chosen = Blocks() if blocks is None else blocks
     check_blocks(chosen)
+    tiles = zhat.to(torch.bfloat16) if precision == "bf16" else zhat
     lse: torch.Tensor = TritonNegativeLogSumExp.apply(
-        zhat, num_images, inv_temperature, negatives, chosen
+        tiles, num_images, inv_temperature, negatives, chosen
     )
-    return lse
+    return lse.to(zhat.dtype)
