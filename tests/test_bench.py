@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from msr_loss.benchmarks import gpu_check, loss_kernel
 
 TINY = ["--sizes", "16", "32", "--dims", "8", "--strata", "2", "--threads", "1"]
