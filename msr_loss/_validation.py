@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -155,13 +156,19 @@ def without_autocast(loss: _Loss) -> _Loss:
     """Runs ``loss`` with autocast off on the device of its first tensor argument.
 
     The losses choose their own compute dtype (:func:`compute_dtype`); inside a ``torch.autocast``
-    region their matmuls would otherwise drop back to half precision.
+    region their matmuls would otherwise drop back to half precision. A loss with a keyword-only
+    ``precision`` argument learns that autocast was on: ``precision="auto"`` (given or by default)
+    reaches it as ``"bf16"``, the similarity GEMMs' precision under autocast.
     """
+    takes_precision = "precision" in inspect.signature(loss).parameters
 
     @functools.wraps(loss)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         device = tensors[0].device.type if tensors else "cpu"
+        if takes_precision and kwargs.get("precision", "auto") == "auto":
+            if torch.is_autocast_enabled(device):
+                kwargs["precision"] = "bf16"
         with torch.autocast(device_type=device, enabled=False):
             return loss(*args, **kwargs)
 

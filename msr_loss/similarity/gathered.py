@@ -16,6 +16,13 @@ import torch
 
 from msr_loss.distributed import gather, rank, world_size
 from msr_loss.similarity import BACKENDS, negative_logsumexp
+from msr_loss.similarity.precision import (
+    autocast_enabled,
+    gemm_context,
+    gemm_operand,
+    resolve_precision,
+)
+from msr_loss.types import Precision
 
 
 def _chunk_mask(
@@ -105,6 +112,7 @@ def gathered_negative_logsumexp(
     temperature: float,
     negatives: str,
     backend: str = "auto",
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """:func:`msr_loss.similarity.negative_logsumexp` with the negatives of every rank.
 
@@ -118,6 +126,7 @@ def gathered_negative_logsumexp(
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"``, over the global batch.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (single process only).
+        precision: The GEMM operands' precision (see :mod:`msr_loss.similarity.precision`).
 
     Returns:
         A (2n,) tensor in the dtype of ``zhat``.
@@ -131,7 +140,7 @@ def gathered_negative_logsumexp(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ranks = world_size()
     if ranks == 1:
-        return negative_logsumexp(zhat, num_images, temperature, negatives, backend)
+        return negative_logsumexp(zhat, num_images, temperature, negatives, backend, precision)
     if backend == "triton":
         raise ValueError(
             "backend='triton' does not support gather_distributed=True; "
@@ -140,7 +149,14 @@ def gathered_negative_logsumexp(
     dim = zhat.shape[1]
     columns = gather(zhat).view(ranks, 2, num_images, dim).transpose(0, 1).reshape(-1, dim)
     chunk = max(1, min(zhat.shape[0], (1 << 22) // columns.shape[0]))
-    result: torch.Tensor = GatheredNegativeLogSumExp.apply(
-        zhat, columns, rank() * num_images, 1.0 / temperature, negatives, chunk
-    )
+    gemm = resolve_precision(precision, zhat.dtype, autocast_enabled(zhat))
+    with gemm_context(zhat.device, gemm):
+        result: torch.Tensor = GatheredNegativeLogSumExp.apply(
+            gemm_operand(zhat, gemm),
+            gemm_operand(columns, gemm),
+            rank() * num_images,
+            1.0 / temperature,
+            negatives,
+            chunk,
+        )
     return result
