@@ -18,8 +18,9 @@ from msr_loss._validation import (
     without_autocast,
 )
 from msr_loss.similarity import negative_logsumexp
+from msr_loss.similarity.precision import GemmPrecision, resolve_precision
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
-from msr_loss.types import NEGATIVE_SETS, REDUCTIONS
+from msr_loss.types import NEGATIVE_SETS, REDUCTIONS, Precision
 
 
 def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -48,9 +49,10 @@ def _negatives_lse(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
-    lse = lse_fn(anchors, num_images, temperature, negatives, backend)
+    lse = lse_fn(anchors, num_images, temperature, negatives, backend, precision)
     if extra_logits is None:
         return lse
     extra = check_floating("extra_negative_logits", extra_logits)
@@ -88,6 +90,7 @@ def interventional_loss(
     backend: str = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
 
@@ -111,6 +114,10 @@ def interventional_loss(
         gather_distributed: Take the negatives from the views of every rank of the initialised
             process group, with gradients (see :mod:`msr_loss.distributed`); the anchors, the
             reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N.
+        precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``: the operands' precision in the
+            similarity GEMMs, accumulated in float32 (see the README's performance section);
+            ``"auto"`` is ``"bf16"`` for half-precision inputs or under autocast and otherwise
+            follows ``torch.get_float32_matmul_precision()``.
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -125,6 +132,7 @@ def interventional_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
+    gemm = resolve_precision(precision, z1.dtype)
     dtype = compute_dtype(torch.promote_types(z1.dtype, strata.dtype))
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = stratified_positive_logits(anchors, positives, strata.to(dtype), temperature)
@@ -136,6 +144,7 @@ def interventional_loss(
         backend,
         extra_negative_logits,
         gather_distributed,
+        gemm,
     )
     per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
@@ -153,6 +162,7 @@ def info_nce(
     backend: str = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
 
@@ -166,6 +176,7 @@ def info_nce(
         extra_negative_logits: Optional (2N, K) logits of further negatives per anchor, already
             divided by the temperature.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -177,6 +188,7 @@ def info_nce(
     check_choice("negatives", negatives, NEGATIVE_SETS)
     check_choice("reduction", reduction, REDUCTIONS)
     z1, z2 = check_views(z1, z2)
+    gemm = resolve_precision(precision, z1.dtype)
     anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(
@@ -187,6 +199,7 @@ def info_nce(
         backend,
         extra_negative_logits,
         gather_distributed,
+        gemm,
     )
     log_p = positive_logits - torch.logaddexp(positive_logits, lse)
     return _reduce(-log_p, reduction)
@@ -200,6 +213,7 @@ def nt_xent(
     reduction: str = "mean",
     backend: str = "auto",
     gather_distributed: bool = False,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
 
@@ -210,6 +224,7 @@ def nt_xent(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -225,4 +240,5 @@ def nt_xent(
         reduction=reduction,
         backend=backend,
         gather_distributed=gather_distributed,
+        precision=precision,
     )

@@ -61,7 +61,13 @@ def resolve_precision(
         return "tf32"
     if precision == "bf16" or under_autocast or dtype in HALF_DTYPES:
         return "bf16"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "fp32" if _float32_matmul_precision() == "highest" else "tf32"
+
+
+@torch.compiler.assume_constant_result
+def _float32_matmul_precision() -> str:
+    """PyTorch's float32 matmul setting; ``torch.compile`` reads it once, when it traces."""
+    return torch.get_float32_matmul_precision()
 
 
 def autocast_enabled(tensor: torch.Tensor) -> bool:
