@@ -7,7 +7,7 @@ from torch import nn
 
 from msr_loss._validation import check_choice, check_temperature
 from msr_loss.functional import interventional_loss
-from msr_loss.types import NEGATIVE_SETS
+from msr_loss.types import NEGATIVE_SETS, PRECISIONS, Precision
 
 
 class MetaSemanticRegularizer(nn.Module):
@@ -28,6 +28,8 @@ class MetaSemanticRegularizer(nn.Module):
         gather_distributed: Take the negatives from every rank of the initialised process group
             (see :func:`msr_loss.interventional_loss`); the strata must be the same on every rank,
             which :class:`msr_loss.MetaUpdate` keeps true.
+        precision: The similarity GEMMs' precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> msr = MetaSemanticRegularizer(dim=128, num_strata=16, temperature=0.2)
@@ -48,6 +50,7 @@ class MetaSemanticRegularizer(nn.Module):
         init_std: float = 1.0,
         backend: str = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
         super().__init__()
         if dim < 1 or num_strata < 1:
@@ -59,6 +62,8 @@ class MetaSemanticRegularizer(nn.Module):
         self.weight = float(weight)
         self.backend = backend
         self.gather_distributed = gather_distributed
+        check_choice("precision", precision, PRECISIONS)
+        self.precision: Precision = precision
         self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
 
     @property
@@ -86,6 +91,7 @@ class MetaSemanticRegularizer(nn.Module):
             backend=self.backend,
             gather_distributed=self.gather_distributed,
             extra_negative_logits=extra_negative_logits,
+            precision=self.precision,
         )
         return self.weight * loss
 
@@ -93,5 +99,5 @@ class MetaSemanticRegularizer(nn.Module):
         num_strata, dim = self.logits.shape
         return (
             f"dim={dim}, num_strata={num_strata}, temperature={self.temperature}, "
-            f"weight={self.weight}, negatives={self.negatives!r}"
+            f"weight={self.weight}, negatives={self.negatives!r}, precision={self.precision!r}"
         )
