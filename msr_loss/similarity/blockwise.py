@@ -202,9 +202,7 @@ def lse_gradient(
     if torch.is_grad_enabled():
         return _differentiable_gradient(zhat, lse, grad_lse, *config)
     scaled = zhat * inv_temperature
-    compute = (
-        _bounded_gradient if logits_are_bounded(zhat, inv_temperature) else _shifted_gradient
-    )
+    compute = _bounded_gradient if logits_are_bounded(zhat, inv_temperature) else _shifted_gradient
     return compute(zhat, scaled, lse, grad_lse, *config)
 
 
