@@ -12,7 +12,7 @@ from torch import nn
 from msr_loss._validation import check_choice, check_temperature
 from msr_loss.meta import Forward
 from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskUpdate
-from msr_loss.types import META_MODES
+from msr_loss.types import META_MODES, Backend, MetaMode, Precision
 
 from .terms import AuxiliaryTerm, StepContext, backbone_of, flags_from_block
 
@@ -36,6 +36,7 @@ class MetaMaskFlags:
         meta_every: Run the meta step after every ``meta_every``-th optimizer step.
         meta_mode: ``"finite_difference"`` or ``"exact"`` (see :class:`msr_loss.MetaUpdate`).
         backend: Similarity backend of NT-Xent, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         gather_distributed: Under DDP, take NT-Xent's negatives from every rank.
         enabled: Whether the term is on; a block without ``enabled`` is on.
 
@@ -51,8 +52,9 @@ class MetaMaskFlags:
     mask_momentum: float = 0.9
     mask_weight_decay: float = 5e-4
     meta_every: int = 1
-    meta_mode: str = "finite_difference"
-    backend: str = "auto"
+    meta_mode: MetaMode = "finite_difference"
+    backend: Backend = "auto"
+    precision: Precision = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
@@ -131,6 +133,7 @@ class MetaMaskTerm(AuxiliaryTerm):
             temperature=flags.temperature,
             contrastive_weight=flags.weight,
             backend=flags.backend,
+            precision=flags.precision,
             gather_distributed=flags.gather_distributed,
         )
         self.meta_calls = 0

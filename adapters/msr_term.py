@@ -11,6 +11,7 @@ import torch
 from msr_loss.functional import info_nce
 from msr_loss.meta import MetaUpdate
 from msr_loss.regularizers import MetaSemanticRegularizer
+from msr_loss.types import Backend, MetaMode, NegativeSet, Precision
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -29,6 +30,7 @@ class MSRFlags:
         negatives: ``"cross_view"`` (the paper's) or ``"all"``.
         init_std: Standard deviation of the strata's initial logits.
         backend: Similarity backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         gather_distributed: Under DDP, take the negatives of ``L_ICL`` and of the meta objective
             from every rank.
         enabled: Whether the term is on; a block without ``enabled`` is on.
@@ -43,10 +45,11 @@ class MSRFlags:
     temperature: float = 0.2
     meta_lr: float = 1e-2
     meta_every: int = 1
-    meta_mode: str = "finite_difference"
-    negatives: str = "cross_view"
+    meta_mode: MetaMode = "finite_difference"
+    negatives: NegativeSet = "cross_view"
     init_std: float = 1.0
-    backend: str = "auto"
+    backend: Backend = "auto"
+    precision: Precision = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
@@ -100,6 +103,7 @@ class ICLMSRTerm(AuxiliaryTerm):
                 negatives=flags.negatives,
                 init_std=flags.init_std,
                 backend=flags.backend,
+                precision=flags.precision,
                 gather_distributed=flags.gather_distributed,
             )
         self.meta_optimizer = torch.optim.Adam(self.regularizer.parameters(), lr=flags.meta_lr)
@@ -136,6 +140,7 @@ class ICLMSRTerm(AuxiliaryTerm):
                 temperature=flags.temperature,
                 negatives=flags.negatives,
                 backend=flags.backend,
+                precision=flags.precision,
                 gather_distributed=flags.gather_distributed,
             ),
         )

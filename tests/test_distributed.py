@@ -183,7 +183,11 @@ def run_errors(rank: int, data: dict[str, torch.Tensor]) -> dict[str, str]:
     for name, call in {
         "unequal_batches": lambda: nt_xent(z1, z2, temperature=TAU, gather_distributed=True),
         "triton": lambda: info_nce(
-            data["z1"], data["z2"], temperature=TAU, backend="triton", gather_distributed=True
+            data["z1"].float(),
+            data["z2"].float(),
+            temperature=TAU,
+            backend="triton",
+            gather_distributed=True,
         ),
     }.items():
         try:

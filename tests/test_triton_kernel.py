@@ -399,7 +399,10 @@ def test_ddp_public_loss_matches_the_single_process_loss(ddp_ranks):
 
 
 # On CUDA only (make gpu-check): every dtype and precision, up to N = 65,536.
-cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
+def cuda_only(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")(test))
+
+
 CUDA_CASES = [
     *[
         (4096, 128, dtype, precision, negatives)

@@ -17,6 +17,13 @@ import torch
 from msr_loss.distributed import gather, rank, world_size
 from msr_loss.similarity import BACKENDS, load_triton_kernels, negative_logsumexp, uses_triton
 from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries, to_global_layout
+from msr_loss.similarity.precision import (
+    GemmPrecision,
+    autocast_enabled,
+    gemm_context,
+    gemm_operand,
+    resolve_precision,
+)
 from msr_loss.types import Precision
 
 
@@ -84,15 +91,25 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
 
 
 def torch_gathered_logsumexp(
-    zhat: torch.Tensor, num_images: int, inv_temperature: float, negatives: str
+    zhat: torch.Tensor,
+    num_images: int,
+    inv_temperature: float,
+    negatives: str,
+    precision: GemmPrecision = "fp32",
 ) -> torch.Tensor:
     """The PyTorch path of :func:`gathered_negative_logsumexp`; twice differentiable."""
     ranks = world_size()
     columns = to_global_layout(gather(zhat), ranks)
     chunk = max(1, min(num_images, (1 << 22) // columns.shape[0]))
-    result: torch.Tensor = GatheredNegativeLogSumExp.apply(
-        zhat, columns, rank() * num_images, inv_temperature, negatives, chunk
-    )
+    with gemm_context(zhat.device, precision):
+        result: torch.Tensor = GatheredNegativeLogSumExp.apply(
+            gemm_operand(zhat, precision),
+            gemm_operand(columns, precision),
+            rank() * num_images,
+            inv_temperature,
+            negatives,
+            chunk,
+        )
     return result
 
 
@@ -102,8 +119,7 @@ def gathered_negative_logsumexp(
     temperature: float,
     negatives: str,
     backend: str = "auto",
-    *,
-    precision: Precision = "fp32",
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """:func:`msr_loss.similarity.negative_logsumexp` with the negatives of every rank.
 
@@ -118,9 +134,7 @@ def gathered_negative_logsumexp(
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"``, over the global batch.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        precision: The kernel's operands (see
-            :func:`msr_loss.similarity.triton.operand_precision`); the PyTorch path computes
-            in the dtype of ``zhat``.
+        precision: The GEMM operands' precision (see :mod:`msr_loss.similarity.precision`).
 
     Returns:
         A (2n,) tensor in the dtype of ``zhat``.
@@ -133,11 +147,12 @@ def gathered_negative_logsumexp(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if world_size() == 1:
-        return negative_logsumexp(zhat, num_images, temperature, negatives, backend)
+        return negative_logsumexp(zhat, num_images, temperature, negatives, backend, precision)
+    gemm = resolve_precision(precision, zhat.dtype, autocast_enabled(zhat))
     kernels = load_triton_kernels(zhat) if uses_triton(zhat, backend) else None
     if kernels is not None:
         result: torch.Tensor = kernels.triton_negative_logsumexp(
-            zhat, num_images, 1.0 / temperature, negatives, precision=precision, distributed=True
+            zhat, num_images, 1.0 / temperature, negatives, precision=gemm, distributed=True
         )
         return result
-    return torch_gathered_logsumexp(zhat, num_images, 1.0 / temperature, negatives)
+    return torch_gathered_logsumexp(zhat, num_images, 1.0 / temperature, negatives, gemm)

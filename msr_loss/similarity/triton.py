@@ -43,7 +43,8 @@ from msr_loss.similarity.blockwise import (
 )
 from msr_loss.similarity.fallback import record_triton_failure
 from msr_loss.similarity.geometry import NegativeGeometry, to_global_layout
-from msr_loss.types import PRECISIONS, Precision
+from msr_loss.similarity.precision import resolve_precision
+from msr_loss.types import Precision
 
 LOG2_E = math.log2(math.e)
 ON_CHIP_DIM = 256
@@ -361,25 +362,6 @@ _KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
 _TUNED = {} if INTERPRETER else {name: _autotuned(k) for name, k in _KERNELS.items()}
 
 
-def operand_precision(zhat: torch.Tensor, precision: str) -> str:
-    """``"fp32"``, ``"tf32"`` or ``"bf16"``: the operands ``precision`` asks for with ``zhat``.
-
-    ``"auto"`` is bfloat16 for half-precision inputs, and otherwise follows
-    ``torch.get_float32_matmul_precision()`` (``"highest"``: IEEE float32, else TF32).
-
-    Examples:
-        >>> operand_precision(torch.zeros(2, dtype=torch.float16), "auto")
-        'bf16'
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if zhat.dtype in (torch.float16, torch.bfloat16):
-        return "bf16"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 @dataclass(frozen=True)
 class _Launch:
     """The geometry, scale, operands and tiles of one call, and how to launch its kernels."""
@@ -522,7 +504,7 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         blocks: Blocks | None,
         distributed: bool,
     ) -> torch.Tensor:
-        rows = zhat.contiguous()
+        rows = (zhat.to(torch.bfloat16) if precision == "bf16" else zhat).contiguous()
         if distributed:
             columns = _gathered(rows).contiguous()
             geometry = NegativeGeometry(
@@ -534,7 +516,7 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         launch = _Launch(geometry, float(inv_temperature), precision, blocks)
         lse = lse_forward(rows, columns, launch)
         global_lse = _gathered(lse) if distributed else lse
-        ctx.save_for_backward(zhat, columns, global_lse)
+        ctx.save_for_backward(zhat, rows, columns, global_lse)
         ctx.config = (launch, distributed)  # type: ignore[attr-defined]
         return lse.to(zhat.dtype)
 
@@ -542,18 +524,21 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        zhat, columns, global_lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        zhat, rows, columns, global_lse = ctx.saved_tensors  # type: ignore[attr-defined]
         launch, distributed = ctx.config  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             grad = _recorded_gradient(zhat, grad_lse, launch, distributed)
         else:
             global_grad = _gathered(grad_lse) if distributed else grad_lse
-            grad = _kernel_gradient(zhat, columns, global_lse, global_grad, launch, distributed)
+            grad = _kernel_gradient(
+                zhat, rows, columns, global_lse, global_grad, launch, distributed
+            )
         return grad.to(zhat.dtype), None, None, None, None, None, None
 
 
 def _kernel_gradient(
     zhat: torch.Tensor,
+    rows: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor,
     grad: torch.Tensor,
@@ -561,7 +546,7 @@ def _kernel_gradient(
     distributed: bool,
 ) -> torch.Tensor:
     try:
-        return lse_backward(zhat.contiguous(), columns, lse, grad, launch)
+        return lse_backward(rows, columns, lse, grad, launch)
     except Exception as error:
         if not zhat.is_cuda or isinstance(error, torch.OutOfMemoryError):
             raise
@@ -606,7 +591,8 @@ def triton_negative_logsumexp(
     """Log-sum-exp of ``inv_temperature * zhat_r . zhat_k`` over each row's negatives, fused.
 
     Accumulates in float32 for float16, bfloat16 and float32 inputs; the operands are those of
-    ``precision`` (:func:`operand_precision`). If the kernel fails to compile or run on CUDA, a
+    ``precision`` (:mod:`msr_loss.similarity.precision`; ``"auto"`` resolves from the dtype of
+    ``zhat`` only). If the kernel fails to compile or run on CUDA, a
     RuntimeWarning says so and the PyTorch path computes the result.
 
     Args:
@@ -631,7 +617,7 @@ def triton_negative_logsumexp(
     check_stacked(zhat, num_images)
     if blocks is not None:
         check_blocks(blocks)
-    operands = operand_precision(zhat, precision)
+    operands = resolve_precision(precision, zhat.dtype)
     config = (num_images, inv_temperature, negatives, operands, blocks, distributed)
     try:
         lse: torch.Tensor = TritonNegativeLogSumExp.apply(zhat, *config)
