@@ -4,7 +4,9 @@
 and differentiable twice. ``"triton"`` is the fused kernel (:mod:`msr_loss.similarity.triton`), for
 CUDA tensors, or CPU tensors under the Triton interpreter. ``"auto"`` picks Triton for CUDA tensors
 in a dtype it supports when the ``triton`` package is installed, and PyTorch otherwise. Both take
-``precision`` (:mod:`msr_loss.similarity.precision`): the operands' precision in the GEMMs.
+``precision`` (:mod:`msr_loss.similarity.precision`): the operands' precision in the GEMMs. If
+Triton fails to import or compile on CUDA, a RuntimeWarning says so once and the PyTorch path
+takes over (:mod:`msr_loss.similarity.fallback`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from types import ModuleType
 import torch
 
 from msr_loss.similarity.blockwise import chunked_negative_logsumexp
+from msr_loss.similarity.fallback import record_triton_failure, triton_failed
 from msr_loss.similarity.precision import autocast_enabled, resolve_precision
 from msr_loss.types import BACKENDS, PRECISIONS, Precision
 
@@ -31,6 +34,17 @@ def triton_installed() -> bool:
 
 def _triton_module() -> ModuleType:
     return importlib.import_module(_TRITON_MODULE)
+
+
+def load_triton_kernels(zhat: torch.Tensor) -> ModuleType | None:
+    """The kernel module, or None after a failed import on CUDA (warned once)."""
+    try:
+        return _triton_module()
+    except Exception as error:
+        if not zhat.is_cuda:
+            raise
+        record_triton_failure(error)
+        return None
 
 
 def _check_triton_can_run(zhat: torch.Tensor) -> None:
@@ -75,7 +89,7 @@ def uses_triton(zhat: torch.Tensor, backend: str) -> bool:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (zhat.is_cuda and triton_failed()):
         return False
     if backend == "auto":
         return zhat.is_cuda and zhat.dtype in TRITON_DTYPES and triton_installed()
@@ -112,9 +126,9 @@ def negative_logsumexp(
         torch.Size([8])
     """
     gemm = resolve_precision(precision, zhat.dtype, autocast_enabled(zhat))
-    if uses_triton(zhat, backend):
-        kernel = _triton_module().triton_negative_logsumexp
-        result: torch.Tensor = kernel(
+    kernels = load_triton_kernels(zhat) if uses_triton(zhat, backend) else None
+    if kernels is not None:
+        result: torch.Tensor = kernels.triton_negative_logsumexp(
             zhat, num_images, 1.0 / temperature, negatives, precision=gemm
         )
         return result
@@ -126,6 +140,7 @@ def negative_logsumexp(
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
+    "load_triton_kernels",
     "negative_logsumexp",
     "resolve_precision",
     "triton_installed",

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries
 from msr_loss.similarity.precision import GemmPrecision, gemm_context, gemm_operand
 
 BLOCK_ENTRIES = 1 << 20
@@ -34,28 +35,14 @@ def check_stacked(zhat: torch.Tensor, num_images: int) -> None:
 
 def default_chunk_size(num_images: int, negatives: str) -> int:
     """Rows per block so that a block of similarities holds about ``BLOCK_ENTRIES`` entries."""
-    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
     return max(1, min(num_images, BLOCK_ENTRIES // num_cols))
 
 
 def _blocks(num_images: int, negatives: str, chunk_size: int) -> Iterator[tuple[slice, slice, int]]:
     """Yields (rows, columns, first image of the rows) for every block, in row order."""
-    for view in (0, 1):
-        if negatives == "cross_view":
-            cols = slice((1 - view) * num_images, (2 - view) * num_images)
-        else:
-            cols = slice(0, 2 * num_images)
-        for first in range(0, num_images, chunk_size):
-            last = min(first + chunk_size, num_images)
-            yield slice(view * num_images + first, view * num_images + last), cols, first
-
-
-def _excluded(block: torch.Tensor, first_image: int, num_images: int) -> torch.Tensor:
-    """A view of the entries of ``block`` whose column is the row's own image, in either view."""
-    rows, num_cols = block.shape
-    return block.view(rows, num_cols // num_images, num_images).diagonal(
-        offset=first_image, dim1=0, dim2=2
-    )
+    for block in NegativeGeometry.single_process(num_images, negatives).row_blocks(chunk_size):
+        yield block.rows, block.columns, block.first_image
 
 
 def _logits_into(
@@ -68,12 +55,12 @@ def _logits_into(
     num_images: int,
 ) -> torch.Tensor:
     block = torch.mm(scaled[rows], zhat[cols].T, out=buffer[: rows.stop - rows.start])
-    _excluded(block, first, num_images).fill_(float("-inf"))
+    excluded_entries(block, first, num_images).fill_(float("-inf"))
     return block
 
 
 def _buffer(zhat: torch.Tensor, num_images: int, negatives: str, chunk_size: int) -> torch.Tensor:
-    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
     return zhat.new_empty(chunk_size, num_cols)
 
 
@@ -172,7 +159,7 @@ def _differentiable_gradient(
     pieces = []
     for rows, cols, first in _blocks(num_images, negatives, chunk_size):
         bias = zhat.new_zeros(rows.stop - rows.start, cols.stop - cols.start)
-        _excluded(bias, first, num_images).fill_(float("-inf"))
+        excluded_entries(bias, first, num_images).fill_(float("-inf"))
         block = torch.mm(zhat[rows] * inv_temperature, zhat[cols].T) + bias
         weights = (
             torch.exp(block - lse[rows, None]) * scaled_grad[rows, None]
