@@ -8,7 +8,10 @@ positive, ``column % N == row % N``) lie on diagonals that are filled in place, 
 The negative set is symmetric (``k`` is a negative of ``i`` exactly when ``i`` is one of ``k``), so
 ``d lse / d Z`` for a block of rows needs only that block's similarities:
 ``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``.
-Peak extra memory is a few (chunk x M) blocks; nothing of size M x M is ever formed.
+When every logit is within ``BOUNDED_LOGITS`` (:func:`logits_are_bounded`) the forward needs no
+max-shift and the backward one exp per entry, ``C_ik = exp(s_ik) (f_i + f_k)``; otherwise each exp
+is shifted by its own log-sum-exp, which is safe at any temperature. Peak extra memory is a few
+(chunk x M) blocks; nothing of size M x M is ever formed.
 """
 
 from __future__ import annotations
