@@ -12,7 +12,7 @@ from torch import nn
 from msr_loss._validation import check_choice, check_temperature
 from msr_loss.meta import Forward
 from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskUpdate
-from msr_loss.types import META_MODES, Backend, MetaMode, Precision
+from msr_loss.types import META_MODES, PRECISIONS, Backend, MetaMode, Precision
 
 from .terms import AuxiliaryTerm, StepContext, backbone_of, flags_from_block
 
@@ -61,6 +61,7 @@ class MetaMaskFlags:
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
         check_choice("metamask.meta_mode", self.meta_mode, META_MODES)
+        check_choice("metamask.precision", self.precision, PRECISIONS)
         if self.head_hidden_dim < 1:
             raise ValueError(f"metamask.head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
         if not self.mask_lr > 0:

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from msr_loss._validation import check_choice
 from msr_loss.functional import info_nce
 from msr_loss.meta import MetaUpdate
 from msr_loss.regularizers import MetaSemanticRegularizer
-from msr_loss.types import Backend, MetaMode, NegativeSet, Precision
+from msr_loss.types import PRECISIONS, Backend, MetaMode, NegativeSet, Precision
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -58,6 +59,7 @@ class MSRFlags:
             raise ValueError(f"msr.meta_lr must be > 0, got {self.meta_lr}")
         if self.meta_every < 1:
             raise ValueError(f"msr.meta_every must be >= 1, got {self.meta_every}")
+        check_choice("msr.precision", self.precision, PRECISIONS)
 
     @classmethod
     def from_block(cls, block: Mapping[str, Any]) -> MSRFlags:

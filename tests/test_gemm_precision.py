@@ -203,3 +203,18 @@ def test_a_misspelt_precision_on_a_loss_or_the_regularizer_names_the_argument():
         info_nce(z, z, temperature=0.1, precision="half")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="precision must be one of"):
         MetaSemanticRegularizer(8, 2, temperature=0.1, precision="fp16")  # type: ignore[arg-type]
+
+
+def test_the_solo_learn_flag_blocks_carry_precision_to_their_losses():
+    from msr_loss.adapters.metamask_term import MetaMaskFlags, MetaMaskTerm
+    from msr_loss.adapters.msr_term import ICLMSRTerm, MSRFlags
+    from msr_loss.adapters.nsneg_term import NonSemanticNegativesTerm, NSNegFlags
+
+    msr = ICLMSRTerm(MSRFlags.from_block({"num_strata": 2, "precision": "bf16"}), 8)
+    assert msr.regularizer.precision == "bf16"
+    metamask = MetaMaskTerm(MetaMaskFlags.from_block({"precision": "tf32"}), 8)
+    assert metamask.criterion.precision == "tf32"
+    nsneg = NonSemanticNegativesTerm(NSNegFlags.from_block({"precision": "fp32"}))
+    assert nsneg.criterion.precision == "fp32"
+    with pytest.raises(ValueError, match=r"msr\.precision must be one of"):
+        MSRFlags.from_block({"precision": "fp16"})

@@ -100,7 +100,8 @@ def test_half_inputs_with_tiny_rows_at_low_temperature_match_float32(dtype):
     strata = torch.rand(3, 16)
     for loss in (
         lambda a, b: interventional_loss(a, b, strata, temperature=0.05, precision="fp32"),
-        lambda a, b: nt_xent(a, b, temperature=0.05, precision="fp32"),  # solo-learn: overflow
+        # solo-learn's fp16 overflows below 0.09
+        lambda a, b: nt_xent(a, b, temperature=0.05, precision="fp32"),
     ):
         half, single = half_and_single(z1, z2, dtype)
         value, expected = loss(*half), loss(*single)
