@@ -489,3 +489,22 @@ def test_cuda_a_kernel_that_fails_to_compile_falls_back_with_a_warning(kernels, 
     expected = negative_logsumexp(zhat, 64, 0.2, "all", backend="torch", precision="fp32")
     torch.testing.assert_close(got, expected)
     assert not uses_triton(zhat, "auto")
+
+
+@cuda_only
+def test_cuda_a_backward_that_fails_falls_back_with_a_warning(kernels, monkeypatch):
+    from msr_loss.similarity import fallback
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(fallback, "_FAILURES", [])
+    monkeypatch.setattr(kernels, "lse_backward", broken)
+    zhat = unit_rows(1, 64, 32, torch.float32)
+    grad_out = torch.randn(128, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="out of shared memory"):
+        _, got = value_and_grad(kernel_fn(kernels, 64, 5.0, "all", None, "fp32"), zhat, grad_out)
+    _, expected = value_and_grad(
+        lambda z: chunked_negative_logsumexp(z, 64, 5.0, "all"), zhat, grad_out
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -553,10 +553,7 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         if torch.is_grad_enabled():
             grad = _recorded_gradient(zhat, grad_lse, launch, distributed)
         else:
-            global_grad = _gathered(grad_lse) if distributed else grad_lse
-            grad = _kernel_gradient(
-                zhat, rows, columns, global_lse, global_grad, launch, distributed
-            )
+            grad = _kernel_gradient(zhat, rows, columns, global_lse, grad_lse, launch, distributed)
         return grad.to(zhat.dtype), None, None, None, None, None, None
 
 
@@ -565,18 +562,21 @@ def _kernel_gradient(
     rows: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor,
-    grad: torch.Tensor,
+    grad_lse: torch.Tensor,
     launch: _Launch,
     distributed: bool,
 ) -> torch.Tensor:
+    """The kernel's backward; on CUDA, if it fails, the PyTorch path's (with a warning)."""
+    global_grad = _gathered(grad_lse) if distributed else grad_lse
     try:
-        return lse_backward(rows, columns, lse, grad, launch)
+        return lse_backward(rows, columns, lse, global_grad, launch)
     except Exception as error:
         if not zhat.is_cuda or isinstance(error, torch.OutOfMemoryError):
             raise
         record_triton_failure(error)
         with torch.enable_grad():
-            return _recorded_gradient(zhat.detach().requires_grad_(), grad, launch, distributed)
+            leaf = zhat.detach().requires_grad_()
+            return _recorded_gradient(leaf, grad_lse, launch, distributed).detach()
 
 
 def _recorded_gradient(
