@@ -124,6 +124,8 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: use a real device")
     return tensor
 
 
@@ -182,9 +184,12 @@ def check_strata(strata: object, dim: int, device: torch.device) -> torch.Tensor
     return strata
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32 and every narrower float compute in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype a loss of inputs of ``dtypes`` computes in: float64 if any input is float64.
+
+    float32 and every narrower float compute in float32, whatever the order of the inputs.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def without_autocast(loss: _Loss) -> _Loss:
@@ -193,7 +198,8 @@ def without_autocast(loss: _Loss) -> _Loss:
     The losses choose their own compute dtype (:func:`compute_dtype`); inside a ``torch.autocast``
     region their matmuls would otherwise drop back to half precision. A loss with a keyword-only
     ``precision`` argument learns that autocast was on: ``precision="auto"`` (given or by default)
-    reaches it as ``"bf16"``, the similarity GEMMs' precision under autocast.
+    reaches it as ``"bf16"``, the similarity GEMMs' precision under autocast. Tensors on the
+    ``meta`` device (no autocast there) go straight to the loss, whose checks reject them by name.
     """
     takes_precision = "precision" in inspect.signature(loss).parameters
 
@@ -201,6 +207,8 @@ def without_autocast(loss: _Loss) -> _Loss:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         device = tensors[0].device.type if tensors else "cpu"
+        if device == "meta":
+            return loss(*args, **kwargs)
         auto = takes_precision and kwargs.get("precision", "auto") == "auto"
         if auto and torch.is_autocast_enabled(device):
             kwargs["precision"] = "bf16"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -226,6 +229,28 @@ def test_triton_interpreter_switched_on_too_late_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETER", False)
     with pytest.raises(ValueError, match="set it before triton is first imported"):
         uses_triton(unit_rows(0, 3, 4, torch.float32), "triton")
+
+
+@pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
+def test_the_interpreter_variable_set_between_the_imports_is_detected():
+    """Set after triton's import, it would interpret our kernels but not Triton's helpers."""
+    script = (
+        "import os, triton, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import msr_loss.similarity.triton as kernels\n"
+        "from msr_loss.similarity import uses_triton\n"
+        "assert not kernels.INTERPRETER\n"
+        "try:\n"
+        "    uses_triton(torch.zeros(4, 2), 'triton')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "set it before triton is first imported" in done.stdout
 
 
 @pytest.mark.skipif(not triton_installed(), reason="needs the triton package")

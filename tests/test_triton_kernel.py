@@ -454,3 +454,57 @@ def test_cuda_every_dtype_and_precision_matches_float64(
 def test_cuda_near_duplicates_at_small_temperature(kernels, temperature, dtype, precision):
     zhat = near_duplicates(3, 8192, 128, dtype)
     check_on_cuda(kernels, zhat, 8192, 1 / temperature, precision, "all")
+
+
+def test_autotuning_keeps_only_configurations_that_fit_shared_memory(kernels):
+    import triton
+
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in kernels._TUNED_SHAPES
+    ]
+    wide = {"rows_ptr": torch.zeros(1, dtype=torch.float32)}
+    narrow = {"rows_ptr": torch.zeros(1, dtype=torch.bfloat16)}
+    assert len(kernels._fitting(configs, narrow, BLOCK_D=128)) == len(configs)
+    fitting = kernels._fitting(configs, wide, BLOCK_D=256)
+    assert 0 < len(fitting) < len(configs)
+    assert all(
+        (c.kwargs["BLOCK_M"] + c.num_stages * c.kwargs["BLOCK_N"]) * 256 * 4 <= 160 * 1024
+        for c in fitting
+    )
+
+
+@cuda_only
+def test_cuda_a_kernel_that_fails_to_compile_falls_back_with_a_warning(kernels, monkeypatch):
+    from msr_loss.similarity import fallback, uses_triton
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(fallback, "_FAILURES", [])
+    monkeypatch.setattr(kernels, "lse_forward", broken)
+    zhat = unit_rows(0, 64, 32, torch.float32)
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+        got = negative_logsumexp(zhat, 64, 0.2, "all", backend="auto", precision="fp32")
+    expected = negative_logsumexp(zhat, 64, 0.2, "all", backend="torch", precision="fp32")
+    torch.testing.assert_close(got, expected)
+    assert not uses_triton(zhat, "auto")
+
+
+@cuda_only
+def test_cuda_a_backward_that_fails_falls_back_with_a_warning(kernels, monkeypatch):
+    from msr_loss.similarity import fallback
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(fallback, "_FAILURES", [])
+    monkeypatch.setattr(kernels, "lse_backward", broken)
+    zhat = unit_rows(1, 64, 32, torch.float32)
+    grad_out = torch.randn(128, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="out of shared memory"):
+        _, got = value_and_grad(kernel_fn(kernels, 64, 5.0, "all", None, "fp32"), zhat, grad_out)
+    _, expected = value_and_grad(
+        lambda z: chunked_negative_logsumexp(z, 64, 5.0, "all"), zhat, grad_out
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -299,24 +300,31 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
         cols = col_start + tl.arange(0, BLOCK_N)
         col_valid = cols < num_cols
         col_index = (col_base + cols).to(tl.int64)
-        logits = scale_log2 * _similarity(
-            q,
-            rows_ptr,
-            row_index,
-            row_valid,
-            cols_ptr,
-            col_index,
-            col_valid,
-            dim,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            D_CHUNKS,
-            EVEN_D,
-            BF16,
-            UPCAST,
-            PRECISION,
-        )
+        if D_CHUNKS == 1:
+            k = _load(cols_ptr, col_index, col_valid, d, dim, EVEN_D, BF16, UPCAST)
+            logits = scale_log2 * tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            logits = scale_log2 * _similarity(
+                q,
+                rows_ptr,
+                row_index,
+                row_valid,
+                cols_ptr,
+                col_index,
+                col_valid,
+                dim,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                D_CHUNKS,
+                EVEN_D,
+                BF16,
+                UPCAST,
+                PRECISION,
+            )
+            k = _load(
+                cols_ptr, col_index, col_valid, d_out * BLOCK_D + d, dim, EVEN_D, BF16, UPCAST
+            )
         col_lse = tl.load(lse_log2_ptr + col_index, mask=col_valid, other=0.0)
         col_grad = tl.load(grad_ptr + col_index, mask=col_valid, other=0.0)
         weights = row_grad[:, None] * tl.exp2(logits - row_lse[:, None]) + col_grad[
@@ -327,27 +335,39 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
         ):
             keep = _negatives(cols, diag, num_cols, spacing, SECOND)
             weights = tl.where(keep, weights, 0.0)
-        k = _load(cols_ptr, col_index, col_valid, d_out * BLOCK_D + d, dim, EVEN_D, BF16, UPCAST)
         acc = tl.dot(_operand(weights, BF16, UPCAST), k, acc, input_precision=PRECISION)
     out_d = d_out * BLOCK_D + d
     out = dz_ptr + (split * 2 * num_rows_per_view + row_index)[:, None] * dim + out_d[None, :]
     tl.store(out, acc, mask=row_valid[:, None] & (out_d < dim)[None, :])
 
 
-INTERPRETER = not isinstance(_forward_kernel, triton.JITFunction)
-"""Whether the kernels run in the Triton interpreter: TRITON_INTERPRET=1 before their import."""
+INTERPRETER = not isinstance(_forward_kernel, triton.JITFunction) and not isinstance(
+    tl.cdiv, triton.JITFunction
+)
+"""Whether the kernels run in the Triton interpreter: TRITON_INTERPRET=1 before triton's import.
+
+Both this module's kernels and Triton's own ``@triton.jit`` helpers (``tl.cdiv``) must have been
+decorated in interpreter mode; a variable set between the two imports mixes them, which fails.
+"""
+
+_TUNED_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) that the autotuner tries on CUDA."""
 
 
-INTERPRETER = not isinstance(_forward_kernel, triton.JITFunction)
-"""Whether the kernels run in the Triton interpreter: TRITON_INTERPRET=1 before their import."""
+SHARED_MEMORY_BUDGET = 160 * 1024
+"""Bytes of shared memory a configuration may plan for: the row tile and its pipelined tiles."""
 
-_TUNED_SHAPES = [
-    (64, 64, 4, 3),
-    (64, 128, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 32, 4, 4),
-]
+
+def _fitting(configs: list[triton.Config], named_args: dict[str, Any], **meta: Any) -> list[object]:
+    """The configurations whose row tile and ``num_stages`` column tiles fit the budget."""
+    width = meta["BLOCK_D"] * named_args["rows_ptr"].element_size()
+
+    def planned(config: triton.Config) -> int:
+        tiles = config.kwargs["BLOCK_M"] + config.num_stages * config.kwargs["BLOCK_N"]
+        return int(tiles * width)
+
+    fitting = [c for c in configs if planned(c) <= SHARED_MEMORY_BUDGET]
+    return fitting or [min(configs, key=planned)]
 
 
 def _autotuned(kernel: object) -> object:
@@ -355,7 +375,11 @@ def _autotuned(kernel: object) -> object:
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in _TUNED_SHAPES
     ]
-    return triton.autotune(configs, key=["num_cols", "dim", "splits", "BLOCK_D", "BF16"])(kernel)
+    return triton.autotune(
+        configs,
+        key=["num_cols", "dim", "splits", "BLOCK_D", "BF16", "PRECISION"],
+        prune_configs_by={"early_config_prune": _fitting},
+    )(kernel)
 
 
 _KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
@@ -529,10 +553,7 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         if torch.is_grad_enabled():
             grad = _recorded_gradient(zhat, grad_lse, launch, distributed)
         else:
-            global_grad = _gathered(grad_lse) if distributed else grad_lse
-            grad = _kernel_gradient(
-                zhat, rows, columns, global_lse, global_grad, launch, distributed
-            )
+            grad = _kernel_gradient(zhat, rows, columns, global_lse, grad_lse, launch, distributed)
         return grad.to(zhat.dtype), None, None, None, None, None, None
 
 
@@ -541,18 +562,21 @@ def _kernel_gradient(
     rows: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor,
-    grad: torch.Tensor,
+    grad_lse: torch.Tensor,
     launch: _Launch,
     distributed: bool,
 ) -> torch.Tensor:
+    """The kernel's backward; on CUDA, if it fails, the PyTorch path's (with a warning)."""
+    global_grad = _gathered(grad_lse) if distributed else grad_lse
     try:
-        return lse_backward(rows, columns, lse, grad, launch)
+        return lse_backward(rows, columns, lse, global_grad, launch)
     except Exception as error:
         if not zhat.is_cuda or isinstance(error, torch.OutOfMemoryError):
             raise
         record_triton_failure(error)
         with torch.enable_grad():
-            return _recorded_gradient(zhat.detach().requires_grad_(), grad, launch, distributed)
+            leaf = zhat.detach().requires_grad_()
+            return _recorded_gradient(leaf, grad_lse, launch, distributed).detach()
 
 
 def _recorded_gradient(
