@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint wheel-check
+.PHONY: demo test lint wheel-check gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a CUDA machine: the kernel tests on CUDA, then the timing table (CSV, PNG, Markdown), <= 8 min.
+gpu-check: $(VENV)/.installed
+	$(PY) -m msr_loss.benchmarks.gpu_check --out-dir gpu-check-results --budget 480
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check msr_loss adapters tests benchmarks

@@ -12,7 +12,7 @@ from torch import nn
 from msr_loss._validation import check_choice, check_temperature
 from msr_loss.meta import Forward
 from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskUpdate
-from msr_loss.types import META_MODES, Backend, MetaMode
+from msr_loss.types import META_MODES, PRECISIONS, Backend, MetaMode, Precision
 
 from .terms import AuxiliaryTerm, StepContext, backbone_of, flags_from_block
 
@@ -36,6 +36,7 @@ class MetaMaskFlags:
         meta_every: Run the meta step after every ``meta_every``-th optimizer step.
         meta_mode: ``"finite_difference"`` or ``"exact"`` (see :class:`msr_loss.MetaUpdate`).
         backend: Similarity backend of NT-Xent, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         gather_distributed: Under DDP, take NT-Xent's negatives from every rank.
         enabled: Whether the term is on; a block without ``enabled`` is on.
 
@@ -53,12 +54,14 @@ class MetaMaskFlags:
     meta_every: int = 1
     meta_mode: MetaMode = "finite_difference"
     backend: Backend = "auto"
+    precision: Precision = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
         check_choice("metamask.meta_mode", self.meta_mode, META_MODES)
+        check_choice("metamask.precision", self.precision, PRECISIONS)
         if self.head_hidden_dim < 1:
             raise ValueError(f"metamask.head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
         if not self.mask_lr > 0:
@@ -131,6 +134,7 @@ class MetaMaskTerm(AuxiliaryTerm):
             temperature=flags.temperature,
             contrastive_weight=flags.weight,
             backend=flags.backend,
+            precision=flags.precision,
             gather_distributed=flags.gather_distributed,
         )
         self.meta_calls = 0

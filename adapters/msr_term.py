@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from msr_loss._validation import check_choice
 from msr_loss.functional import info_nce
 from msr_loss.meta import MetaUpdate
 from msr_loss.regularizers import MetaSemanticRegularizer
-from msr_loss.types import Backend, MetaMode, NegativeSet
+from msr_loss.types import PRECISIONS, Backend, MetaMode, NegativeSet, Precision
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -30,6 +31,7 @@ class MSRFlags:
         negatives: ``"cross_view"`` (the paper's) or ``"all"``.
         init_std: Standard deviation of the strata's initial logits.
         backend: Similarity backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         gather_distributed: Under DDP, take the negatives of ``L_ICL`` and of the meta objective
             from every rank.
         enabled: Whether the term is on; a block without ``enabled`` is on.
@@ -48,6 +50,7 @@ class MSRFlags:
     negatives: NegativeSet = "cross_view"
     init_std: float = 1.0
     backend: Backend = "auto"
+    precision: Precision = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
@@ -56,6 +59,7 @@ class MSRFlags:
             raise ValueError(f"msr.meta_lr must be > 0, got {self.meta_lr}")
         if self.meta_every < 1:
             raise ValueError(f"msr.meta_every must be >= 1, got {self.meta_every}")
+        check_choice("msr.precision", self.precision, PRECISIONS)
 
     @classmethod
     def from_block(cls, block: Mapping[str, Any]) -> MSRFlags:
@@ -101,6 +105,7 @@ class ICLMSRTerm(AuxiliaryTerm):
                 negatives=flags.negatives,
                 init_std=flags.init_std,
                 backend=flags.backend,
+                precision=flags.precision,
                 gather_distributed=flags.gather_distributed,
             )
         self.meta_optimizer = torch.optim.Adam(self.regularizer.parameters(), lr=flags.meta_lr)
@@ -137,6 +142,7 @@ class ICLMSRTerm(AuxiliaryTerm):
                 temperature=flags.temperature,
                 negatives=flags.negatives,
                 backend=flags.backend,
+                precision=flags.precision,
                 gather_distributed=flags.gather_distributed,
             ),
         )

@@ -10,7 +10,7 @@ import torch
 
 from msr_loss.losses import NonSemanticContrastiveLoss
 from msr_loss.negatives import PATCH_RANGE, patch_negatives
-from msr_loss.types import Backend, NegativeSet
+from msr_loss.types import Backend, NegativeSet, Precision
 
 from .terms import AuxiliaryTerm, StepContext, flags_from_block
 
@@ -27,6 +27,7 @@ class NSNegFlags:
         patch_max: Largest patch side, as a fraction of the crop's shorter side.
         negatives: The in-batch negatives, ``"cross_view"`` or ``"all"``.
         backend: Similarity backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         gather_distributed: Under DDP, take the in-batch negatives from every rank.
         enabled: Whether the term is on; a block without ``enabled`` is on.
 
@@ -42,6 +43,7 @@ class NSNegFlags:
     patch_max: float = PATCH_RANGE[1]
     negatives: NegativeSet = "cross_view"
     backend: Backend = "auto"
+    precision: Precision = "auto"
     gather_distributed: bool = False
     enabled: bool = True
 
@@ -81,6 +83,7 @@ class NonSemanticNegativesTerm(AuxiliaryTerm):
             alpha=flags.alpha,
             negatives=flags.negatives,
             backend=flags.backend,
+            precision=flags.precision,
             gather_distributed=flags.gather_distributed,
         )
 

@@ -33,7 +33,8 @@ from msr_loss.multiview import (
 )
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
-from msr_loss.types import Backend, NegativeSet, Reduction
+from msr_loss.similarity.precision import GemmPrecision, gemm_operand, resolve_precision
+from msr_loss.types import Backend, NegativeSet, Precision, Reduction
 
 
 def _reduce(per_anchor: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -98,9 +99,10 @@ def _negatives_lse(
     backend: Backend,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
-    lse = lse_fn(anchors, num_images, temperature, negatives, backend)
+    lse = lse_fn(anchors, num_images, temperature, negatives, backend, precision)
     if extra_logits is None:
         return lse
     return torch.logaddexp(lse, torch.logsumexp(extra_logits.to(anchors.dtype), dim=1))
@@ -131,6 +133,7 @@ def interventional_loss(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
     more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
@@ -165,6 +168,10 @@ def interventional_loss(
             process group, with gradients (see :mod:`msr_loss.distributed`); the anchors, the
             reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N
             and the same number of views.
+        precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``: the operands' precision in the
+            similarity GEMMs, accumulated in float32 (see the README's performance section);
+            ``"auto"`` is ``"bf16"`` for half-precision inputs or under autocast and otherwise
+            follows ``torch.get_float32_matmul_precision()``.
         more_views: Further (N, D) views of the same N images (e.g. small crops), each of the
             shape of ``z1``; empty by default.
 
@@ -182,6 +189,7 @@ def interventional_loss(
     if more_views_given(more_views):
         views = check_all_views(z1, z2, more_views)
         strata = check_strata(strata, z1.shape[1], z1.device)
+        gemm = resolve_precision(precision, z1.dtype)
         extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
         dtype = compute_dtype(*[t.dtype for t in (*views, strata, extra) if t is not None])
         per_anchor = multiview_interventional(
@@ -192,10 +200,12 @@ def interventional_loss(
             backend,
             extra,
             gather_distributed,
+            gemm,
         )
         return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
+    gemm = resolve_precision(precision, z1.dtype)
     extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
     dtype = compute_dtype(*[t.dtype for t in (z1, z2, strata, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
@@ -203,7 +213,7 @@ def interventional_loss(
         anchors, positives, scale_rows(strata.to(dtype)), temperature
     )
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
     per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
@@ -221,6 +231,7 @@ def info_nce(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
     more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
@@ -239,6 +250,7 @@ def info_nce(
         extra_negative_logits: Optional (V N, K) logits of further negatives per anchor, already
             divided by the temperature.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
         more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
@@ -252,6 +264,7 @@ def info_nce(
     gather_distributed = check_flag("gather_distributed", gather_distributed)
     if more_views_given(more_views):
         views = check_all_views(z1, z2, more_views)
+        gemm = resolve_precision(precision, z1.dtype)
         extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
         dtype = compute_dtype(*[t.dtype for t in (*views, extra) if t is not None])
         per_anchor = multiview_info_nce(
@@ -261,15 +274,17 @@ def info_nce(
             backend,
             extra,
             gather_distributed,
+            gemm,
         )
         return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
+    gemm = resolve_precision(precision, z1.dtype)
     extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
     dtype = compute_dtype(*[t.dtype for t in (z1, z2, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
     log_p = positive_logits - torch.logaddexp(positive_logits, lse)
     return _reduce(-log_p, reduction)
@@ -283,6 +298,7 @@ def nt_xent(
     reduction: Reduction = "mean",
     backend: Backend = "auto",
     gather_distributed: bool = False,
+    precision: Precision = "auto",
     more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
@@ -296,6 +312,7 @@ def nt_xent(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
         more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
@@ -312,6 +329,7 @@ def nt_xent(
         reduction=reduction,
         backend=backend,
         gather_distributed=gather_distributed,
+        precision=precision,
         more_views=more_views,
     )
 
@@ -323,6 +341,7 @@ def non_semantic_logits(
     *,
     temperature: float,
     alpha: float = 2.0,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """``alpha * cos(q_i, t_ik) / temperature``: each query against its own negatives only.
 
@@ -335,6 +354,7 @@ def non_semantic_logits(
             non-semantic negatives.
         temperature: The temperature of the loss they join, > 0.
         alpha: The scale on the similarity (2 in the paper, 3 also reported), > 0.
+        precision: The products' operand precision (see :func:`interventional_loss`).
 
     Returns:
         (M, K) logits (K = 1 for (M, D) ``negative_embeddings``), in float64 if either input
@@ -349,6 +369,7 @@ def non_semantic_logits(
     temperature = check_temperature(temperature)
     alpha = check_real("alpha", alpha, above=0)
     queries = check_floating("queries", queries)
+    gemm = resolve_precision(precision, queries.dtype)
     embeddings = check_floating("negative_embeddings", negative_embeddings)
     if queries.dim() != 2:
         raise ValueError(f"queries must have shape (M, D), got {tuple(queries.shape)}")
@@ -370,8 +391,8 @@ def non_semantic_logits(
     check_finite("queries", queries)
     check_finite("negative_embeddings", embeddings)
     dtype = compute_dtype(queries.dtype, embeddings.dtype)
-    q = unit_rows(queries, dtype)
-    t = unit_rows(grouped, dtype)
+    q = gemm_operand(unit_rows(queries, dtype), gemm)
+    t = gemm_operand(unit_rows(grouped, dtype), gemm)
     return alpha * torch.einsum("md,mkd->mk", q, t) / temperature
 
 

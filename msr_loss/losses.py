@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from msr_loss._validation import (
+    check_choice,
     check_flag,
     check_floating,
     check_loss_choices,
@@ -27,7 +28,7 @@ from msr_loss._validation import (
     check_views,
 )
 from msr_loss.functional import info_nce, interventional_loss, non_semantic_logits, nt_xent
-from msr_loss.types import Backend, NegativeSet, Reduction
+from msr_loss.types import PRECISIONS, Backend, NegativeSet, Precision, Reduction
 
 
 class _ContrastiveLoss(nn.Module):
@@ -40,9 +41,11 @@ class _ContrastiveLoss(nn.Module):
         reduction: Reduction,
         backend: Backend,
         gather_distributed: bool,
+        precision: Precision,
     ) -> None:
         super().__init__()
         check_loss_choices(negatives, reduction, backend)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.temperature = check_temperature(temperature)
         self.negatives: NegativeSet = negatives
         self.reduction: Reduction = reduction
@@ -52,7 +55,8 @@ class _ContrastiveLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, negatives={self.negatives!r}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, "
+            f"precision={self.precision!r}"
         )
 
 
@@ -66,6 +70,8 @@ class NTXentLoss(_ContrastiveLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`msr_loss.nt_xent`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = NTXentLoss(temperature=0.5)
@@ -79,8 +85,9 @@ class NTXentLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, "all", reduction, backend, gather_distributed)
+        super().__init__(temperature, "all", reduction, backend, gather_distributed, precision)
 
     def forward(
         self, z1: torch.Tensor, z2: torch.Tensor, *, more_views: Sequence[torch.Tensor] = ()
@@ -96,6 +103,7 @@ class NTXentLoss(_ContrastiveLoss):
             reduction=self.reduction,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
             more_views=more_views,
         )
 
@@ -109,6 +117,8 @@ class InfoNCELoss(_ContrastiveLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`msr_loss.info_nce`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = InfoNCELoss(temperature=0.1)
@@ -123,8 +133,9 @@ class InfoNCELoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
 
     def forward(
         self,
@@ -147,6 +158,7 @@ class InfoNCELoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
             more_views=more_views,
         )
 
@@ -164,6 +176,8 @@ class InterventionalLoss(_ContrastiveLoss):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see
             :func:`msr_loss.interventional_loss`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = InterventionalLoss(temperature=0.2)
@@ -178,8 +192,9 @@ class InterventionalLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
 
     def forward(
         self,
@@ -205,6 +220,7 @@ class InterventionalLoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
             more_views=more_views,
         )
 
@@ -232,6 +248,8 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Gather the in-batch negatives from every rank (see
             :func:`msr_loss.info_nce`); each anchor keeps only its own non-semantic negatives.
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = NonSemanticContrastiveLoss(temperature=0.2, negatives="all")
@@ -248,8 +266,9 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
         self.alpha = check_real("alpha", alpha, above=0)
 
     def forward(
@@ -279,7 +298,11 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
                 f"t1 and t2 must have the same shape, got {tuple(t1.shape)} and {tuple(t2.shape)}"
             )
         extra = non_semantic_logits(
-            torch.cat([z1, z2]), torch.cat([t1, t2]), temperature=self.temperature, alpha=self.alpha
+            torch.cat([z1, z2]),
+            torch.cat([t1, t2]),
+            temperature=self.temperature,
+            alpha=self.alpha,
+            precision=self.precision,
         )
         if strata is None:
             return info_nce(
@@ -291,6 +314,7 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
                 backend=self.backend,
                 extra_negative_logits=extra,
                 gather_distributed=self.gather_distributed,
+                precision=self.precision,
             )
         return interventional_loss(
             z1,
@@ -302,6 +326,7 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
         )
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from msr_loss._validation import check_finite, check_floating, check_views
+from msr_loss.similarity.precision import GemmPrecision
 from msr_loss.similarity.views import multiview_negative_logsumexp
 
 
@@ -53,9 +54,12 @@ def _negatives(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     """(V, V - 1, N) negatives' log-sum-exp, with the checked ``extra_logits`` (V N, K) joined."""
-    lse = multiview_negative_logsumexp(unit, temperature, negatives, backend, gather_distributed)
+    lse = multiview_negative_logsumexp(
+        unit, temperature, negatives, backend, gather_distributed, precision
+    )
     if extra_logits is None:
         return lse
     num_views, num_images = len(unit), unit[0].shape[0]
@@ -80,10 +84,12 @@ def multiview_interventional(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     """(V N,) interventional loss per anchor of unit-norm views and (n, D) ``strata``.
 
-    The views, the strata and ``extra_logits`` (V N, K) come checked, in the compute dtype.
+    The views, the strata and ``extra_logits`` (V N, K) come checked, in the compute dtype;
+    ``precision`` is the resolved precision of the negatives' GEMMs.
     """
     tiny = torch.finfo(strata.dtype).tiny
     squared = strata * strata
@@ -100,7 +106,9 @@ def multiview_interventional(
         ]
     )
     positive = positive / temperature
-    lse = _negatives(unit, temperature, negatives, backend, extra_logits, gather_distributed)
+    lse = _negatives(
+        unit, temperature, negatives, backend, extra_logits, gather_distributed, precision
+    )
     per_stratum = positive - torch.logaddexp(positive, lse[..., None])
     log_p = torch.logsumexp(per_stratum, dim=-1) - math.log(strata.shape[0])
     return _per_anchor(log_p)
@@ -113,6 +121,7 @@ def multiview_info_nce(
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     """(V N,) InfoNCE loss per anchor of unit-norm views (as :func:`multiview_interventional`)."""
     positive = torch.stack(
@@ -122,5 +131,7 @@ def multiview_info_nce(
         ]
     )
     positive = positive / temperature
-    lse = _negatives(unit, temperature, negatives, backend, extra_logits, gather_distributed)
+    lse = _negatives(
+        unit, temperature, negatives, backend, extra_logits, gather_distributed, precision
+    )
     return _per_anchor(positive - torch.logaddexp(positive, lse))

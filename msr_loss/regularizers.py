@@ -15,7 +15,7 @@ from msr_loss._validation import (
     check_temperature,
 )
 from msr_loss.functional import interventional_loss
-from msr_loss.types import BACKENDS, NEGATIVE_SETS, Backend, NegativeSet
+from msr_loss.types import BACKENDS, NEGATIVE_SETS, PRECISIONS, Backend, NegativeSet, Precision
 
 
 class MetaSemanticRegularizer(nn.Module):
@@ -36,6 +36,8 @@ class MetaSemanticRegularizer(nn.Module):
         gather_distributed: Take the negatives from every rank of the initialised process group
             (see :func:`msr_loss.interventional_loss`); the strata must be the same on every rank,
             which :class:`msr_loss.MetaUpdate` keeps true.
+        precision: The similarity GEMMs' precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> msr = MetaSemanticRegularizer(dim=128, num_strata=16, temperature=0.2)
@@ -56,6 +58,7 @@ class MetaSemanticRegularizer(nn.Module):
         init_std: float = 1.0,
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
         super().__init__()
         dim = check_integer("dim", dim, at_least=1)
@@ -66,6 +69,7 @@ class MetaSemanticRegularizer(nn.Module):
         self.weight = check_real("weight", weight)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
 
     @property
@@ -96,6 +100,7 @@ class MetaSemanticRegularizer(nn.Module):
             backend=self.backend,
             gather_distributed=self.gather_distributed,
             extra_negative_logits=extra_negative_logits,
+            precision=self.precision,
             more_views=more_views,
         )
         return self.weight * loss
@@ -104,5 +109,5 @@ class MetaSemanticRegularizer(nn.Module):
         num_strata, dim = self.logits.shape
         return (
             f"dim={dim}, num_strata={num_strata}, temperature={self.temperature}, "
-            f"weight={self.weight}, negatives={self.negatives!r}"
+            f"weight={self.weight}, negatives={self.negatives!r}, precision={self.precision!r}"
         )

@@ -138,7 +138,7 @@ def test_two_views_are_todays_loss(negatives):
         kwargs = {"temperature": TAU, "negatives": negatives} if fn is info_nce else {}
         assert torch.equal(fn(*views, more_views=(), **kwargs), fn(*views, **kwargs))
     unit = [unit_rows(view, torch.float64) for view in views]
-    composed = multiview_interventional(unit, strata, TAU, negatives, "torch", None, False)
+    composed = multiview_interventional(unit, strata, TAU, negatives, "torch", None, False, "fp32")
     close(
         composed,
         interventional_loss(*views, strata, temperature=TAU, negatives=negatives, reduction="none"),
@@ -245,3 +245,17 @@ def test_hostile_values_stay_finite_and_match_float64(negatives):
     for got, expected in zip(*results, strict=True):
         scale = expected.abs().max().item()
         torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_precision_reaches_the_view_blocks():
+    gen = torch.Generator().manual_seed(4)
+    views = [torch.randn(16, 32, generator=gen) for _ in range(3)]
+    strata = torch.rand(2, 32, generator=gen)
+    losses = {
+        precision: interventional_loss(
+            views[0], views[1], strata, temperature=0.1, more_views=views[2:], precision=precision
+        )
+        for precision in ("fp32", "bf16")
+    }
+    assert not torch.equal(losses["fp32"], losses["bf16"])
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=2e-2)

@@ -16,6 +16,7 @@ import torch
 
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
+from msr_loss.types import Precision
 
 
 def _view_blocks(
@@ -24,6 +25,7 @@ def _view_blocks(
     within_view: bool,
     backend: str,
     gather_distributed: bool,
+    precision: Precision,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``B[j][l]`` keyed ``(j, l)`` for every pair of distinct views, and ``j == l`` if asked."""
     lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
@@ -32,7 +34,7 @@ def _view_blocks(
     for j in range(len(views)):
         for other in range(j if within_view else j + 1, len(views)):
             stack = torch.cat([views[j], views[other]])
-            lse = lse_fn(stack, num_images, temperature, "cross_view", backend)
+            lse = lse_fn(stack, num_images, temperature, "cross_view", backend, precision)
             blocks[other, j] = lse[num_images:]
             blocks[j, other] = lse[:num_images]
     return blocks
@@ -44,6 +46,7 @@ def multiview_negative_logsumexp(
     negatives: str,
     backend: str = "auto",
     gather_distributed: bool = False,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """Log-sum-exp over the negatives of every (anchor view, positive view) pair of each image.
 
@@ -58,6 +61,7 @@ def multiview_negative_logsumexp(
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see
             :func:`msr_loss.similarity.gathered.gathered_negative_logsumexp`).
+        precision: The GEMMs' precision (see :func:`msr_loss.similarity.negative_logsumexp`).
 
     Returns:
         A (V, V - 1, N) tensor: entry ``[j, q, i]`` is for anchor view ``j`` and the ``q``-th of
@@ -70,7 +74,7 @@ def multiview_negative_logsumexp(
     """
     num_views = len(views)
     within_view = negatives == "all"
-    blocks = _view_blocks(views, temperature, within_view, backend, gather_distributed)
+    blocks = _view_blocks(views, temperature, within_view, backend, gather_distributed, precision)
     rows = []
     for j in range(num_views):
         others = [p for p in range(num_views) if p != j]
