@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from msr_loss._validation import check_choice
+from msr_loss._validation import check_choice, check_real
 from msr_loss.distributed import all_reduce_mean, broadcast_from_rank0
 from msr_loss.types import META_MODES
 
@@ -49,13 +49,14 @@ class VirtualSGD:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"the virtual step's lr must be > 0, got {self.lr}")
+        check_real("lr", self.lr, at_least=0)
 
     def apply(
         self, param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None
     ) -> torch.Tensor:
-        """``param`` after one SGD step with ``grad``; differentiable in both."""
+        """``param`` after one SGD step with ``grad`` (differentiable); at lr 0, ``param``."""
+        if self.lr == 0:
+            return param
         direction = grad + self.weight_decay * param if self.weight_decay else grad
         if self.momentum:
             if buffer is None:
@@ -69,7 +70,7 @@ class VirtualSGD:
 
     def gradient_scale(self, has_buffer: bool) -> float:
         """``-d(step)/d(grad)``: how much one unit of gradient moves the parameter."""
-        if not self.momentum:
+        if not self.momentum or not self.lr:
             return self.lr
         per_unit = (1 - self.dampening) if has_buffer else 1.0
         return self.lr * (1 + self.momentum * per_unit if self.nesterov else per_unit)
@@ -173,7 +174,7 @@ class MetaUpdate:
         broadcast_from_rank0(self.meta_parameters)
         self.meta_optimizer = meta_optimizer
         self.encoder_optimizer = encoder_optimizer
-        self.fixed_step = VirtualSGD(lr=lr) if lr is not None else None
+        self.fixed_step = None if lr is None else VirtualSGD(lr=check_real("lr", lr, at_least=0))
         self.mode = check_choice("mode", mode, META_MODES)
         self.every = every
         self.calls = 0

@@ -198,5 +198,5 @@ def test_configuration_errors():
         MetaUpdate(encoder, msr.parameters(), opt, lr=0.1, mode="second_order")
     with pytest.raises(ValueError, match="every must be >= 1"):
         MetaUpdate(encoder, msr.parameters(), opt, lr=0.1, every=0)
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        VirtualSGD(lr=0.0)
+    with pytest.raises(ValueError, match="lr must be a finite number and >= 0"):
+        VirtualSGD(lr=-0.1)
