@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from msr_loss.adapters import MetaMaskFlags, MSRFlags, NSNegFlags, wrap_method
+from msr_loss.adapters import MetaMaskFlags, NSNegFlags, wrap_method
 from test_solo_learn_adapter import (
     API,
     BATCH,
