@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check msr_loss adapters tests benchmarks
 	$(VENV)/bin/ruff format --check msr_loss adapters tests benchmarks
-	$(VENV)/bin/mypy msr_loss adapters
+	$(VENV)/bin/mypy msr_loss adapters tests/typed_choices.py
 
 wheel-check: $(VENV)/.installed
 	rm -rf dist /tmp/msr-wheel-venv

@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 
 from msr_loss._validation import check_choice, check_real, check_temperature
-from msr_loss.negatives import PATCH_RANGE, NonSemanticContrastiveLoss, patch_negatives
+from msr_loss.losses import NonSemanticContrastiveLoss
+from msr_loss.negatives import PATCH_RANGE, patch_negatives
 from msr_loss.types import BACKENDS, NEGATIVE_SETS, Backend, NegativeSet
 
 from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, forward_keeping_buffers

@@ -140,7 +140,8 @@ def _with_strata(
 
 
 def _patch_negatives(encoder: DigitsEncoder, config: TrainConfig, seed: int) -> _Objective:
-    from msr_loss.negatives import NonSemanticContrastiveLoss, patch_negatives
+    from msr_loss.losses import NonSemanticContrastiveLoss
+    from msr_loss.negatives import patch_negatives
 
     generator = torch.Generator().manual_seed(seed + NEGATIVES_SEED_OFFSET)
     criterion = NonSemanticContrastiveLoss(temperature=config.temperature, negatives="all")
@@ -191,7 +192,7 @@ def _objective(method: str, encoder: DigitsEncoder, config: TrainConfig, seed: i
         return _patch_negatives(encoder, config, seed)
     if method == "metamask":
         return _metamask(encoder, config)
-    from msr_loss.metamask import barlow_twins
+    from msr_loss.functional import barlow_twins
 
     if method == "barlow":
         return _Objective(

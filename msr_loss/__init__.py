@@ -1,30 +1,28 @@
 """msr-loss: interventional contrastive losses against non-semantic confounders."""
 
-from msr_loss.functional import info_nce, interventional_loss, nt_xent
-from msr_loss.meta import MetaUpdate, VirtualSGD
-from msr_loss.metamask import (
-    DimensionalMask,
-    MetaMaskLoss,
-    MetaMaskModel,
-    MetaMaskUpdate,
+from msr_loss.functional import (
     barlow_twins,
-)
-from msr_loss.negatives import (
-    NonSemanticContrastiveLoss,
+    info_nce,
+    interventional_loss,
     non_semantic_logits,
-    patch_negatives,
-    synthesize_texture_folder,
-    texture_negatives,
+    nt_xent,
 )
+from msr_loss.losses import InfoNCELoss, InterventionalLoss, NonSemanticContrastiveLoss, NTXentLoss
+from msr_loss.meta import MetaUpdate, VirtualSGD
+from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskModel, MetaMaskUpdate
+from msr_loss.negatives import patch_negatives, synthesize_texture_folder, texture_negatives
 from msr_loss.regularizers import MetaSemanticRegularizer
 
 __all__ = [
     "DimensionalMask",
+    "InfoNCELoss",
+    "InterventionalLoss",
     "MetaMaskLoss",
     "MetaMaskModel",
     "MetaMaskUpdate",
     "MetaSemanticRegularizer",
     "MetaUpdate",
+    "NTXentLoss",
     "NonSemanticContrastiveLoss",
     "VirtualSGD",
     "barlow_twins",

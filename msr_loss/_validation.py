@@ -10,7 +10,10 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from msr_loss.types import BACKENDS, NEGATIVE_SETS, REDUCTIONS
+
 _Loss = TypeVar("_Loss", bound=Callable[..., Any])
+_Choice = TypeVar("_Choice", bound=str)
 
 
 def check_real(
@@ -81,6 +84,18 @@ def check_integer(name: str, value: object, *, at_least: int | None = None) -> i
     return number
 
 
+def check_flag(name: str, value: object) -> bool:
+    """The one check of an on/off setting: ``True`` or ``False``, not ``"no"`` or 0.
+
+    Examples:
+        >>> check_flag("gather_distributed", False)
+        False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_temperature(temperature: object, name: str = "temperature") -> float:
     """A temperature: finite, > 0, and with an inverse that float32 can hold."""
     value = check_real(name, temperature, above=0)
@@ -89,10 +104,18 @@ def check_temperature(temperature: object, name: str = "temperature") -> float:
     return value
 
 
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+def check_choice(name: str, value: _Choice, allowed: tuple[str, ...]) -> _Choice:
+    """Checks that ``value`` is one of ``allowed``; returns it with its (``Literal``) type."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_loss_choices(negatives: str, reduction: str, backend: str) -> None:
+    """Checks the three choices every contrastive loss takes."""
+    check_choice("negatives", negatives, NEGATIVE_SETS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
 
 
 def check_floating(name: str, tensor: object) -> torch.Tensor:
@@ -106,6 +129,18 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_images(images: object, dims: tuple[int, ...]) -> torch.Tensor:
+    """Checks a non-empty image tensor with one of the given numbers of dimensions (3 or 4)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() not in dims:
+        shapes = " or ".join("(B, C, H, W)" if d == 4 else "(C, H, W)" for d in dims)
+        raise ValueError(f"images must have shape {shapes}, got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"images is empty, shape {tuple(images.shape)}")
+    return images
 
 
 def check_views(z1: object, z2: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,9 @@
-"""The losses as pure functions: the interventional (ICL-MSR) loss, InfoNCE and NT-Xent."""
+"""The losses as pure functions.
+
+The interventional (ICL-MSR) loss, InfoNCE and NT-Xent; the non-semantic negatives' logits that
+join them; and the Barlow Twins loss that MetaMask trains with. :mod:`msr_loss.losses` wraps them
+as modules.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from msr_loss._validation import (
-    check_choice,
     check_finite,
     check_floating,
+    check_loss_choices,
+    check_real,
     check_strata,
     check_temperature,
     check_views,
@@ -19,10 +25,10 @@ from msr_loss._validation import (
 )
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
-from msr_loss.types import NEGATIVE_SETS, REDUCTIONS
+from msr_loss.types import Backend, NegativeSet, Reduction
 
 
-def _reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per_anchor: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":
@@ -44,8 +50,8 @@ def _negatives_lse(
     anchors: torch.Tensor,
     num_images: int,
     temperature: float,
-    negatives: str,
-    backend: str,
+    negatives: NegativeSet,
+    backend: Backend,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
 ) -> torch.Tensor:
@@ -83,9 +89,9 @@ def interventional_loss(
     strata: torch.Tensor,
     *,
     temperature: float,
-    negatives: str = "cross_view",
-    reduction: str = "mean",
-    backend: str = "auto",
+    negatives: NegativeSet = "cross_view",
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
 ) -> torch.Tensor:
@@ -121,8 +127,7 @@ def interventional_loss(
         >>> loss = interventional_loss(z1, z2, strata, temperature=0.2)
     """
     temperature = check_temperature(temperature)
-    check_choice("negatives", negatives, NEGATIVE_SETS)
-    check_choice("reduction", reduction, REDUCTIONS)
+    check_loss_choices(negatives, reduction, backend)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
     dtype = compute_dtype(torch.promote_types(z1.dtype, strata.dtype))
@@ -148,9 +153,9 @@ def info_nce(
     z2: torch.Tensor,
     *,
     temperature: float,
-    negatives: str = "cross_view",
-    reduction: str = "mean",
-    backend: str = "auto",
+    negatives: NegativeSet = "cross_view",
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
 ) -> torch.Tensor:
@@ -174,8 +179,7 @@ def info_nce(
         >>> loss = info_nce(torch.randn(8, 16), torch.randn(8, 16), temperature=0.1)
     """
     temperature = check_temperature(temperature)
-    check_choice("negatives", negatives, NEGATIVE_SETS)
-    check_choice("reduction", reduction, REDUCTIONS)
+    check_loss_choices(negatives, reduction, backend)
     z1, z2 = check_views(z1, z2)
     anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
     positive_logits = (anchors * positives).sum(dim=1) / temperature
@@ -197,8 +201,8 @@ def nt_xent(
     z2: torch.Tensor,
     *,
     temperature: float,
-    reduction: str = "mean",
-    backend: str = "auto",
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
     gather_distributed: bool = False,
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
@@ -226,3 +230,99 @@ def nt_xent(
         backend=backend,
         gather_distributed=gather_distributed,
     )
+
+
+@without_autocast
+def non_semantic_logits(
+    queries: torch.Tensor,
+    negative_embeddings: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float = 2.0,
+) -> torch.Tensor:
+    """``alpha * cos(q_i, t_ik) / temperature``: each query against its own negatives only.
+
+    The result is what ``extra_negative_logits`` of :func:`msr_loss.info_nce` and
+    :func:`msr_loss.interventional_loss` expect when ``queries`` is ``cat([z1, z2])``.
+
+    Args:
+        queries: (M, D) query projections (for the symmetric losses, view 1 rows then view 2).
+        negative_embeddings: (M, D) or (M, K, D) projections of each query's
+            non-semantic negatives.
+        temperature: The temperature of the loss they join, > 0.
+        alpha: The scale on the similarity (2 in the paper, 3 also reported), > 0.
+
+    Returns:
+        (M, K) logits (K = 1 for (M, D) ``negative_embeddings``), in float64 for float64
+        inputs, else float32.
+
+    Examples:
+        >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> t1, t2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> extra = non_semantic_logits(torch.cat([z1, z2]), torch.cat([t1, t2]), temperature=0.2)
+        >>> loss = info_nce(z1, z2, temperature=0.2, extra_negative_logits=extra)
+    """
+    temperature = check_temperature(temperature)
+    alpha = check_real("alpha", alpha, above=0)
+    queries = check_floating("queries", queries)
+    embeddings = check_floating("negative_embeddings", negative_embeddings)
+    if queries.dim() != 2:
+        raise ValueError(f"queries must have shape (M, D), got {tuple(queries.shape)}")
+    grouped = embeddings.unsqueeze(1) if embeddings.dim() == 2 else embeddings
+    if grouped.dim() != 3 or grouped.shape[0] != queries.shape[0]:
+        raise ValueError(
+            f"negative_embeddings must have shape ({queries.shape[0]}, D) or "
+            f"({queries.shape[0]}, K, D), got {tuple(embeddings.shape)}"
+        )
+    if grouped.shape[2] != queries.shape[1]:
+        raise ValueError(
+            f"negative_embeddings have dimension {grouped.shape[2]} but the queries have "
+            f"dimension {queries.shape[1]}"
+        )
+    if grouped.device != queries.device:
+        raise ValueError(
+            f"queries are on {queries.device} but negative_embeddings on {grouped.device}"
+        )
+    check_finite("queries", queries)
+    check_finite("negative_embeddings", embeddings)
+    dtype = compute_dtype(torch.promote_types(queries.dtype, embeddings.dtype))
+    q = F.normalize(queries.to(dtype), dim=1)
+    t = F.normalize(grouped.to(dtype), dim=2)
+    return alpha * torch.einsum("md,mkd->mk", q, t) / temperature
+
+
+@without_autocast
+def barlow_twins(
+    z1: torch.Tensor, z2: torch.Tensor, *, off_diagonal_weight: float = 5e-3
+) -> torch.Tensor:
+    """The Barlow Twins redundancy-reduction loss.
+
+    Each dimension is standardised over the batch (unbiased standard deviation, as in MetaMask's
+    released code), ``C = z1^T z2 / N`` and the loss is
+    ``sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2``.
+
+    Args:
+        z1: (N, D) projections of the first view, N >= 2.
+        z2: (N, D) projections of the second view.
+        off_diagonal_weight: The weight lambda of the redundancy term, >= 0.
+
+    Returns:
+        A scalar, in float64 for float64 inputs and float32 otherwise.
+
+    Examples:
+        >>> loss = barlow_twins(torch.randn(16, 32), torch.randn(16, 32))
+    """
+    off_diagonal_weight = check_real("off_diagonal_weight", off_diagonal_weight, at_least=0)
+    z1, z2 = check_views(z1, z2)
+    dtype = compute_dtype(z1.dtype)
+    eps = torch.finfo(dtype).eps
+
+    def standardise(z: torch.Tensor) -> torch.Tensor:
+        z = z.to(dtype)
+        return (z - z.mean(dim=0)) / z.std(dim=0).clamp_min(eps)
+
+    c = standardise(z1).T @ standardise(z2) / z1.shape[0]
+    diagonal = torch.diagonal(c)
+    on = (1 - diagonal).pow(2).sum()
+    off = c.pow(2).sum() - diagonal.pow(2).sum()
+    return on + off_diagonal_weight * off

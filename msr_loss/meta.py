@@ -142,6 +142,7 @@ class MetaUpdate:
         every: Update the meta parameters on every ``every``-th call of :meth:`step`.
 
     Examples:
+        >>> from msr_loss import MetaSemanticRegularizer, info_nce
         >>> encoder = nn.Linear(8, 4)
         >>> msr = MetaSemanticRegularizer(dim=4, num_strata=2, temperature=0.5)
         >>> meta = MetaUpdate(encoder, msr.parameters(), torch.optim.Adam(msr.parameters()), lr=0.1)

@@ -18,15 +18,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from msr_loss._validation import (
-    check_real,
-    check_temperature,
-    check_views,
-    compute_dtype,
-    without_autocast,
-)
-from msr_loss.functional import nt_xent
+from msr_loss._validation import check_choice, check_flag, check_real, check_temperature
+from msr_loss.functional import barlow_twins, nt_xent
 from msr_loss.meta import LossFn, MetaUpdate
+from msr_loss.types import BACKENDS, Backend, MetaMode
 
 
 class DimensionalMask(nn.Module):
@@ -100,43 +95,6 @@ class DimensionalMask(nn.Module):
         return f"num_features={self.logits.shape[0]}"
 
 
-@without_autocast
-def barlow_twins(
-    z1: torch.Tensor, z2: torch.Tensor, *, off_diagonal_weight: float = 5e-3
-) -> torch.Tensor:
-    """The Barlow Twins redundancy-reduction loss.
-
-    Each dimension is standardised over the batch (unbiased standard deviation, as in MetaMask's
-    released code), ``C = z1^T z2 / N`` and the loss is
-    ``sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2``.
-
-    Args:
-        z1: (N, D) projections of the first view, N >= 2.
-        z2: (N, D) projections of the second view.
-        off_diagonal_weight: The weight lambda of the redundancy term, >= 0.
-
-    Returns:
-        A scalar, in float64 for float64 inputs and float32 otherwise.
-
-    Examples:
-        >>> loss = barlow_twins(torch.randn(16, 32), torch.randn(16, 32))
-    """
-    off_diagonal_weight = check_real("off_diagonal_weight", off_diagonal_weight, at_least=0)
-    z1, z2 = check_views(z1, z2)
-    dtype = compute_dtype(z1.dtype)
-    eps = torch.finfo(dtype).eps
-
-    def standardise(z: torch.Tensor) -> torch.Tensor:
-        z = z.to(dtype)
-        return (z - z.mean(dim=0)) / z.std(dim=0).clamp_min(eps)
-
-    c = standardise(z1).T @ standardise(z2) / z1.shape[0]
-    diagonal = torch.diagonal(c)
-    on = (1 - diagonal).pow(2).sum()
-    off = c.pow(2).sum() - diagonal.pow(2).sum()
-    return on + off_diagonal_weight * off
-
-
 class MetaMaskLoss(nn.Module):
     """MetaMask's encoder objective ``L_BT(z1, z2) + w_cl * NT-Xent(c1, c2)``.
 
@@ -163,7 +121,7 @@ class MetaMaskLoss(nn.Module):
         off_diagonal_weight: float = 5e-3,
         temperature: float = 0.07,
         contrastive_weight: float = 10.0,
-        backend: str = "auto",
+        backend: Backend = "auto",
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
@@ -171,9 +129,9 @@ class MetaMaskLoss(nn.Module):
             "off_diagonal_weight", off_diagonal_weight, at_least=0
         )
         self.temperature = check_temperature(temperature)
-        self.contrastive_weight = float(contrastive_weight)
-        self.backend = backend
-        self.gather_distributed = gather_distributed
+        self.contrastive_weight = check_real("contrastive_weight", contrastive_weight)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def contrastive(self, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
         """NT-Xent of the contrastive head's projections (the meta objective)."""
@@ -282,7 +240,7 @@ class MetaMaskUpdate(MetaUpdate):
         *,
         encoder_optimizer: torch.optim.Optimizer | None = None,
         lr: float | None = None,
-        mode: str = "finite_difference",
+        mode: MetaMode = "finite_difference",
         every: int = 1,
     ) -> None:
         self.mask = _mask_of(model) if mask is None else mask

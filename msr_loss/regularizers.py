@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msr_loss._validation import check_choice, check_temperature
+from msr_loss._validation import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_real,
+    check_temperature,
+)
 from msr_loss.functional import interventional_loss
-from msr_loss.types import NEGATIVE_SETS
+from msr_loss.types import BACKENDS, NEGATIVE_SETS, Backend, NegativeSet
 
 
 class MetaSemanticRegularizer(nn.Module):
@@ -44,21 +50,20 @@ class MetaSemanticRegularizer(nn.Module):
         *,
         temperature: float,
         weight: float = 1.0,
-        negatives: str = "cross_view",
+        negatives: NegativeSet = "cross_view",
         init_std: float = 1.0,
-        backend: str = "auto",
+        backend: Backend = "auto",
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        if dim < 1 or num_strata < 1:
-            raise ValueError(f"dim and num_strata must be >= 1, got dim={dim}, num={num_strata}")
-        if init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {init_std}")
+        dim = check_integer("dim", dim, at_least=1)
+        num_strata = check_integer("num_strata", num_strata, at_least=1)
+        init_std = check_real("init_std", init_std, at_least=0)
         self.temperature = check_temperature(temperature)
         self.negatives = check_choice("negatives", negatives, NEGATIVE_SETS)
-        self.weight = float(weight)
-        self.backend = backend
-        self.gather_distributed = gather_distributed
+        self.weight = check_real("weight", weight)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
 
     @property

@@ -18,7 +18,8 @@ from msr_loss import (
     synthesize_texture_folder,
     texture_negatives,
 )
-from msr_loss.negatives import _assemble_patches, _minimum_cut, _patch_layout
+from msr_loss.negatives.patch import _assemble_patches, _patch_layout
+from msr_loss.negatives.texture import _minimum_cut
 
 
 def coded_images(batch: int, channels: int, height: int, width: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ from msr_loss.adapters import (
 from torch.utils.data import DataLoader, Dataset
 
 from msr_loss import interventional_loss
-from msr_loss.negatives import NonSemanticContrastiveLoss, patch_negatives
+from msr_loss.losses import NonSemanticContrastiveLoss
+from msr_loss.negatives import patch_negatives
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 solo_methods = pytest.importorskip("solo.methods")
