@@ -172,7 +172,6 @@ class MetaMaskFlags(FlagBlock):
     objective ``L_BT + w_cl * NT-Xent``, up to solo-learn's own Barlow Twins normalisation.
 
     Args:
-        enabled: Whether the term is on; a block without ``enabled`` is on.
         weight: The factor w_cl >= 0 on the contrastive term (10 in MetaMask).
         temperature: NT-Xent temperature.
         head_hidden_dim: Hidden width of the contrastive head; its output width is the host
@@ -184,6 +183,7 @@ class MetaMaskFlags(FlagBlock):
         meta_mode: ``"finite_difference"`` or ``"exact"`` (see :class:`msr_loss.MetaUpdate`).
         backend: Similarity backend of NT-Xent, ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Under DDP, take NT-Xent's negatives from every rank.
+        enabled: Whether the term is on; a block without ``enabled`` is on.
 
     Examples:
         >>> MetaMaskFlags.from_block({"weight": 1, "meta_mode": "exact"}).weight
@@ -214,3 +214,4 @@ class MetaMaskFlags(FlagBlock):
     meta_mode: MetaMode = "finite_difference"
     backend: Backend = "auto"
     gather_distributed: bool = False
+    enabled: bool = True

@@ -126,7 +126,6 @@ class MSRFlags(FlagBlock):
     """The ``msr`` flag block: ICL-MSR as an auxiliary loss with its meta-learned strata.
 
     Args:
-        enabled: Whether the term is on; a block without ``enabled`` is on.
         weight: The factor beta >= 0 on ``L_ICL`` (0 trains exactly as without the term).
         num_strata: Number of strata n.
         temperature: Temperature of ``L_ICL`` and of the InfoNCE meta objective.
@@ -138,6 +137,7 @@ class MSRFlags(FlagBlock):
         backend: Similarity backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Under DDP, take the negatives of ``L_ICL`` and of the meta objective
             from every rank.
+        enabled: Whether the term is on; a block without ``enabled`` is on.
 
     Examples:
         >>> MSRFlags.from_block({"weight": 0.5, "num_strata": 8}).num_strata
@@ -168,3 +168,4 @@ class MSRFlags(FlagBlock):
     init_std: float = 1.0
     backend: Backend = "auto"
     gather_distributed: bool = False
+    enabled: bool = True

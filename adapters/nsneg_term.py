@@ -72,7 +72,6 @@ class NSNegFlags(FlagBlock):
     """The ``nsneg`` flag block: InfoNCE with one patch-based negative per query, added to the loss.
 
     Args:
-        enabled: Whether the term is on; a block without ``enabled`` is on.
         weight: The factor >= 0 on the term.
         temperature: Temperature of the InfoNCE term.
         alpha: Scale of the non-semantic negatives' similarities (2 in the paper).
@@ -81,6 +80,7 @@ class NSNegFlags(FlagBlock):
         negatives: The in-batch negatives, ``"cross_view"`` or ``"all"``.
         backend: Similarity backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Under DDP, take the in-batch negatives from every rank.
+        enabled: Whether the term is on; a block without ``enabled`` is on.
 
     Examples:
         >>> NSNegFlags.from_block({"alpha": 3}).alpha
@@ -107,6 +107,7 @@ class NSNegFlags(FlagBlock):
     negatives: NegativeSet = "cross_view"
     backend: Backend = "auto"
     gather_distributed: bool = False
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

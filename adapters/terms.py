@@ -104,7 +104,7 @@ class FlagBlock:
     whose type is the flag's type), and sets ``term_type`` (the :class:`AuxiliaryTerm` it builds,
     whose ``flag`` names the block), ``label`` (its part of the wrapped class's name) and
     ``checks`` (a check per flag, called as ``check("msr.weight", value)`` when the block is made,
-    returning the value to keep). ``enabled`` (on by default) is every block's.
+    returning the value to keep). Every block ends with ``enabled: bool = True``.
 
     Examples:
         >>> from msr_loss.adapters import MSRFlags
@@ -119,7 +119,6 @@ class FlagBlock:
     term_type: ClassVar[type[AuxiliaryTerm]]
     label: ClassVar[str]
     checks: ClassVar[Mapping[str, Check]] = {}
-    enabled: bool = True
 
     def __post_init__(self) -> None:
         flag = self.term_type.flag
