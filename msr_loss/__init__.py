@@ -8,10 +8,11 @@ from msr_loss.functional import (
     nt_xent,
 )
 from msr_loss.losses import InfoNCELoss, InterventionalLoss, NonSemanticContrastiveLoss, NTXentLoss
-from msr_loss.meta import MetaUpdate, VirtualSGD
+from msr_loss.meta import MetaUpdate
 from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskModel, MetaMaskUpdate
 from msr_loss.negatives import patch_negatives, synthesize_texture_folder, texture_negatives
 from msr_loss.regularizers import MetaSemanticRegularizer
+from msr_loss.virtual_step import VirtualAdam, VirtualLARS, VirtualSGD
 
 __all__ = [
     "DimensionalMask",
@@ -24,6 +25,8 @@ __all__ = [
     "MetaUpdate",
     "NTXentLoss",
     "NonSemanticContrastiveLoss",
+    "VirtualAdam",
+    "VirtualLARS",
     "VirtualSGD",
     "barlow_twins",
     "info_nce",

@@ -1,111 +1,50 @@
 """The two-stage meta update shared by ICL-MSR's strata and MetaMask's mask.
 
-Stage 1 is the user's own optimizer step on the encoder. Stage 2, here, takes one virtual SGD
-step of the encoder on the training loss, ``theta' = theta - lr * grad L_train(theta, a)``, and
-moves the meta parameters ``a`` down the gradient of ``L_meta(theta'(a))``: a second-order
-gradient, computed exactly (double backward) or by the finite difference of DARTS.
+Stage 1 is the user's own optimizer step on the encoder. Stage 2, here, takes one virtual step
+of the encoder on the training loss, ``theta' = step(theta, grad L_train(theta, a))`` with the
+encoder optimizer's own rule (:mod:`msr_loss.virtual_step`), and moves the meta parameters ``a``
+down the gradient of ``L_meta(theta'(a))``: a second-order gradient, computed exactly (double
+backward) or by the finite difference of DARTS.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from msr_loss._validation import check_choice, check_real
+from msr_loss._validation import check_choice, check_integer, check_real
 from msr_loss.distributed import all_reduce_mean, broadcast_from_rank0
-from msr_loss.types import META_MODES
+from msr_loss.types import META_MODES, MetaMode
+from msr_loss.virtual_step import (
+    ParameterStep,
+    VirtualSGD,
+    mirrors,
+    virtual_steps_from_optimizer,
+)
 
 Forward = Callable[..., Any]
 LossFn = Callable[[Forward], torch.Tensor]
 
-
-@dataclass(frozen=True)
-class VirtualSGD:
-    """The hyper-parameters of one virtual SGD step, as ``torch.optim.SGD`` applies them.
-
-    Args:
-        lr: Learning rate of the virtual step.
-        momentum: Momentum factor; the real optimizer's buffer is used when there is one.
-        dampening: Dampening of the momentum.
-        weight_decay: L2 penalty added to the gradient.
-        nesterov: Nesterov momentum.
-
-    Examples:
-        >>> step = VirtualSGD(lr=0.1, momentum=0.9)
-        >>> step.apply(torch.ones(2), torch.ones(2), None)
-        tensor([0.9000, 0.9000])
-    """
-
-    lr: float
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-
-    def __post_init__(self) -> None:
-        check_real("lr", self.lr, at_least=0)
-
-    def apply(
-        self, param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``param`` after one SGD step with ``grad`` (differentiable); at lr 0, ``param``."""
-        if self.lr == 0:
-            return param
-        direction = grad + self.weight_decay * param if self.weight_decay else grad
-        if self.momentum:
-            if buffer is None:
-                momentum_term = direction
-            else:
-                momentum_term = self.momentum * buffer + (1 - self.dampening) * direction
-            direction = (
-                direction + self.momentum * momentum_term if self.nesterov else momentum_term
-            )
-        return param - self.lr * direction
-
-    def gradient_scale(self, has_buffer: bool) -> float:
-        """``-d(step)/d(grad)``: how much one unit of gradient moves the parameter."""
-        if not self.momentum or not self.lr:
-            return self.lr
-        per_unit = (1 - self.dampening) if has_buffer else 1.0
-        return self.lr * (1 + self.momentum * per_unit if self.nesterov else per_unit)
-
-
-def virtual_steps_from_optimizer(
-    optimizer: torch.optim.Optimizer,
-) -> dict[int, tuple[VirtualSGD, torch.Tensor | None]]:
-    """Per parameter (keyed by ``id``), the virtual step mirroring ``optimizer``'s current state.
-
-    A ``torch.optim.SGD`` is mirrored with its momentum buffers and weight decay; for any other
-    optimizer the virtual step is plain SGD at each group's current learning rate.
-    """
-    steps: dict[int, tuple[VirtualSGD, torch.Tensor | None]] = {}
-    is_sgd = isinstance(optimizer, torch.optim.SGD)
-    for group in optimizer.param_groups:
-        if is_sgd:
-            step = VirtualSGD(
-                lr=float(group["lr"]),
-                momentum=float(group["momentum"]),
-                dampening=float(group["dampening"]),
-                weight_decay=float(group["weight_decay"]),
-                nesterov=bool(group["nesterov"]),
-            )
-        else:
-            step = VirtualSGD(lr=float(group["lr"]))
-        for param in group["params"]:
-            buffer = optimizer.state.get(param, {}).get("momentum_buffer") if is_sgd else None
-            steps[id(param)] = (step, buffer)
-    return steps
+__all__ = ["LossFn", "MetaUpdate", "VirtualSGD", "preserved_buffers", "replayed_rng"]
 
 
 @contextlib.contextmanager
 def preserved_buffers(module: nn.Module) -> Iterator[None]:
-    """Restores every buffer (e.g. BatchNorm running statistics) on exit."""
+    """Restores every buffer (e.g. BatchNorm running statistics) on exit.
+
+    Examples:
+        >>> norm = nn.BatchNorm1d(3)
+        >>> with preserved_buffers(norm):
+        ...     _ = norm(torch.randn(4, 3))
+        >>> int(norm.num_batches_tracked)
+        0
+    """
     saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
     try:
         yield
@@ -115,12 +54,71 @@ def preserved_buffers(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+@contextlib.contextmanager
+def replayed_rng(devices: Iterable[torch.device] = ()) -> Iterator[Callable[[], None]]:
+    """Saves the CPU generator and the CUDA generators of ``devices``; restores them on exit.
+
+    Yields a ``replay()`` that resets those generators to the saved state, so that passes which
+    call it first draw the same random numbers (Dropout masks) as each other and as the code that
+    runs after the block.
+
+    Examples:
+        >>> with replayed_rng() as replay:
+        ...     first = torch.rand(2)
+        ...     replay()
+        ...     second = torch.rand(2)
+        >>> torch.equal(first, second), torch.equal(torch.rand(2), first)
+        (True, True)
+    """
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    cpu_state = torch.get_rng_state()
+    cuda_states = [torch.cuda.get_rng_state(index) for index in cuda]
+
+    def replay() -> None:
+        torch.set_rng_state(cpu_state)
+        for index, state in zip(cuda, cuda_states, strict=True):
+            torch.cuda.set_rng_state(state, index)
+
+    try:
+        yield replay
+    finally:
+        replay()
+
+
+def _grads_or_zero(
+    output: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any
+) -> list[torch.Tensor]:
+    if not output.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+
+
+def _step_vjp(
+    stepped: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], v: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``(d stepped / d grads)^T v``: how the virtual parameters move with the gradient."""
+    pairs = [(s, vi) for s, vi in zip(stepped, v, strict=True) if s.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(g) for g in grads]
+    outputs, cotangents = zip(*pairs, strict=True)
+    found = torch.autograd.grad(outputs, grads, cotangents, allow_unused=True)
+    return [torch.zeros_like(g) if f is None else f for g, f in zip(grads, found, strict=True)]
+
+
 class MetaUpdate:
     """Stage 2 of the two-stage update: the meta-gradient of the meta parameters, and their step.
 
     Call :meth:`step` after the encoder's own optimizer step. ``train_loss`` and ``meta_loss`` are
     functions of a ``forward`` callable that runs the encoder at given parameters; write them as you
     would write the loss with the encoder itself.
+
+    The virtual step mirrors ``encoder_optimizer`` (:func:`msr_loss.virtual_step.mirrors`: SGD,
+    Adam, AdamW, solo-learn's LARS) at each group's current lr; at lr 0 it is the identity and the
+    meta-gradient is the first-order term alone. Every pass of one stage 2 (virtual, meta, and the
+    finite difference's two) starts from one saved RNG state, so they see the same Dropout masks,
+    and the global RNG state and the encoder's buffers (BatchNorm statistics) are left exactly as
+    before.
 
     Under an initialised ``torch.distributed`` process group the meta parameters start from rank
     0's values, and the virtual step's gradient, the finite-difference direction and the
@@ -133,13 +131,18 @@ class MetaUpdate:
             inside it (MetaMask's mask) or outside (ICL-MSR's strata); they are held out of the
             virtual step either way.
         meta_parameters: The parameters learned by the meta objective.
-        meta_optimizer: The optimizer of ``meta_parameters``.
-        encoder_optimizer: The encoder's optimizer, mirrored by the virtual step (learning rate,
-            and for SGD its momentum buffers and weight decay). Either this or ``lr``.
-        lr: A fixed learning rate for a plain virtual SGD step.
+        meta_optimizer: The optimizer of ``meta_parameters``; it must hold every one of them.
+        encoder_optimizer: The encoder's optimizer, mirrored by the virtual step. Either this or
+            ``lr``. Any optimizer not mirrored warns once, here, and takes plain SGD.
+        lr: A fixed learning rate (>= 0) for a plain virtual SGD step.
         mode: ``"exact"`` (double backward through the virtual step) or ``"finite_difference"``
             (two extra gradient evaluations, O(1) extra memory).
         every: Update the meta parameters on every ``every``-th call of :meth:`step`.
+
+    Raises:
+        TypeError: ``lr`` is not a real number or ``every`` not an integer.
+        ValueError: A setting is out of range or not finite, ``meta_optimizer`` misses a meta
+            parameter, or a meta parameter does not require grad.
 
     Examples:
         >>> from msr_loss import MetaSemanticRegularizer, info_nce
@@ -147,11 +150,17 @@ class MetaUpdate:
         >>> msr = MetaSemanticRegularizer(dim=4, num_strata=2, temperature=0.5)
         >>> meta = MetaUpdate(encoder, msr.parameters(), torch.optim.Adam(msr.parameters()), lr=0.1)
         >>> x1, x2 = torch.randn(6, 8), torch.randn(6, 8)
-        >>> _ = meta.step(
+        >>> meta.step(
         ...     train_loss=lambda f: msr(f(x1), f(x2)),
         ...     meta_loss=lambda f: info_nce(f(x1), f(x2), temperature=0.5),
         ... )
+        True
+        >>> meta.state_dict()
+        {'calls': 1}
     """
+
+    owns_meta_optimizer = False
+    """Whether :meth:`state_dict` carries the meta optimizer's state (it does when built here)."""
 
     def __init__(
         self,
@@ -161,24 +170,71 @@ class MetaUpdate:
         *,
         encoder_optimizer: torch.optim.Optimizer | None = None,
         lr: float | None = None,
-        mode: str = "finite_difference",
+        mode: MetaMode = "finite_difference",
         every: int = 1,
     ) -> None:
         if (encoder_optimizer is None) == (lr is None):
             raise ValueError("give exactly one of encoder_optimizer and lr")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = check_integer("every", every, at_least=1)
+        self.mode = check_choice("mode", mode, META_MODES)
+        self.fixed_step = None if lr is None else VirtualSGD(lr=check_real("lr", lr, at_least=0))
         self.encoder = encoder
         self.meta_parameters = list(meta_parameters)
         if not self.meta_parameters:
             raise ValueError("meta_parameters is empty")
+        held = {id(p) for group in meta_optimizer.param_groups for p in group["params"]}
+        missing = [i for i, p in enumerate(self.meta_parameters) if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"meta_optimizer does not hold the meta parameters at positions {missing}: "
+                "build it from the same parameters, or the meta step moves nothing"
+            )
+        self._check_requires_grad()
         broadcast_from_rank0(self.meta_parameters)
         self.meta_optimizer = meta_optimizer
         self.encoder_optimizer = encoder_optimizer
-        self.fixed_step = None if lr is None else VirtualSGD(lr=check_real("lr", lr, at_least=0))
-        self.mode = check_choice("mode", mode, META_MODES)
-        self.every = every
+        if encoder_optimizer is not None and not mirrors(encoder_optimizer):
+            warnings.warn(
+                f"MetaUpdate cannot mirror {type(encoder_optimizer).__name__}: the virtual step "
+                "is plain SGD at each parameter group's current lr",
+                stacklevel=2,
+            )
         self.calls = 0
+
+    @contextlib.contextmanager
+    def meta_phase(self) -> Iterator[None]:
+        """The context in which the meta parameters take gradients (MetaMask unfreezes its mask)."""
+        yield
+
+    def _check_requires_grad(self) -> None:
+        with self.meta_phase():
+            frozen = [i for i, p in enumerate(self.meta_parameters) if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"the meta parameters at positions {frozen} have requires_grad=False: "
+                "the meta-gradient cannot reach them"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The call counter (and the meta optimizer's state when this object built it).
+
+        Plain Python values and tensors: ``torch.save`` it, ``torch.load(weights_only=True)`` it.
+        """
+        state: dict[str, Any] = {"calls": self.calls}
+        if self.owns_meta_optimizer:
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output, so an ``every`` schedule resumes in phase."""
+        if "calls" not in state:
+            raise ValueError("state has no 'calls': it is not a MetaUpdate state_dict")
+        calls = check_integer("state['calls']", state["calls"], at_least=0)
+        if self.owns_meta_optimizer:
+            if "meta_optimizer" not in state:
+                raise ValueError("state has no 'meta_optimizer' for the meta optimizer built here")
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.calls = calls
 
     def _encoder_parameters(self) -> dict[str, nn.Parameter]:
         held_out = {id(p) for p in self.meta_parameters}
@@ -188,11 +244,10 @@ class MetaUpdate:
             if p.requires_grad and id(p) not in held_out
         }
 
-    def _virtual_steps(
-        self, params: dict[str, nn.Parameter]
-    ) -> dict[str, tuple[VirtualSGD, torch.Tensor | None]]:
+    def _virtual_steps(self, params: dict[str, nn.Parameter]) -> dict[str, ParameterStep]:
         if self.fixed_step is not None:
-            return {name: (self.fixed_step, None) for name in params}
+            fixed = self.fixed_step
+            return {name: lambda p, g: fixed.apply(p, g, None) for name in params}
         assert self.encoder_optimizer is not None
         mirrored = virtual_steps_from_optimizer(self.encoder_optimizer)
         missing = [name for name, p in params.items() if id(p) not in mirrored]
@@ -206,65 +261,69 @@ class MetaUpdate:
 
         return forward
 
-    def meta_gradients(self, train_loss: LossFn, meta_loss: LossFn) -> list[torch.Tensor]:
-        """The gradient of ``meta_loss`` at the virtual parameters w.r.t. the meta parameters."""
-        params = self._encoder_parameters()
-        steps = self._virtual_steps(params)
-        with preserved_buffers(self.encoder), torch.enable_grad():
-            if self.mode == "exact":
-                return all_reduce_mean(self._exact(params, steps, train_loss, meta_loss))
-            return all_reduce_mean(self._finite_difference(params, steps, train_loss, meta_loss))
+    def _devices(self) -> set[torch.device]:
+        tensors = [*self.encoder.parameters(), *self.encoder.buffers(), *self.meta_parameters]
+        return {t.device for t in tensors}
 
-    def _grad_or_zero(
-        self, output: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any
-    ) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
-        return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+    def meta_gradients(self, train_loss: LossFn, meta_loss: LossFn) -> list[torch.Tensor]:
+        """The gradient of ``meta_loss`` at the virtual parameters w.r.t. the meta parameters.
+
+        Leaves the encoder, its buffers and the global RNG state exactly as they were.
+        """
+        with self.meta_phase():
+            self._check_requires_grad()
+            params = self._encoder_parameters()
+            steps = self._virtual_steps(params)
+            with (
+                preserved_buffers(self.encoder),
+                replayed_rng(self._devices()) as replay,
+                torch.enable_grad(),
+            ):
+                compute = self._exact if self.mode == "exact" else self._finite_difference
+                return all_reduce_mean(compute(params, steps, train_loss, meta_loss, replay))
 
     def _exact(
         self,
         params: dict[str, nn.Parameter],
-        steps: dict[str, tuple[VirtualSGD, torch.Tensor | None]],
+        steps: dict[str, ParameterStep],
         train_loss: LossFn,
         meta_loss: LossFn,
+        replay: Callable[[], None],
     ) -> list[torch.Tensor]:
         theta = {name: p.detach().requires_grad_() for name, p in params.items()}
+        replay()
         loss = train_loss(self._forward(theta))
-        grads = all_reduce_mean(self._grad_or_zero(loss, list(theta.values()), create_graph=True))
+        grads = all_reduce_mean(_grads_or_zero(loss, list(theta.values()), create_graph=True))
         virtual = {
-            name: steps[name][0].apply(value, grad, steps[name][1])
+            name: steps[name](value, grad)
             for (name, value), grad in zip(theta.items(), grads, strict=True)
         }
-        return self._grad_or_zero(meta_loss(self._forward(virtual)), self.meta_parameters)
+        replay()
+        return _grads_or_zero(meta_loss(self._forward(virtual)), self.meta_parameters)
 
     def _finite_difference(
         self,
         params: dict[str, nn.Parameter],
-        steps: dict[str, tuple[VirtualSGD, torch.Tensor | None]],
+        steps: dict[str, ParameterStep],
         train_loss: LossFn,
         meta_loss: LossFn,
+        replay: Callable[[], None],
     ) -> list[torch.Tensor]:
         names = list(params)
         theta = [params[name].detach() for name in names]
         leaves = [t.clone().requires_grad_() for t in theta]
-        grads = all_reduce_mean(
-            self._grad_or_zero(
-                train_loss(self._forward(dict(zip(names, leaves, strict=True)))), leaves
-            )
-        )
-        virtual = [
-            steps[name][0].apply(t, g, steps[name][1]).requires_grad_()
-            for name, t, g in zip(names, theta, grads, strict=True)
-        ]
-        outer = self._grad_or_zero(
+        replay()
+        loss = train_loss(self._forward(dict(zip(names, leaves, strict=True))))
+        grads = [g.requires_grad_() for g in all_reduce_mean(_grads_or_zero(loss, leaves))]
+        stepped = [steps[name](t, g) for name, t, g in zip(names, theta, grads, strict=True)]
+        virtual = [s.detach().requires_grad_() for s in stepped]
+        replay()
+        outer = _grads_or_zero(
             meta_loss(self._forward(dict(zip(names, virtual, strict=True)))),
             [*virtual, *self.meta_parameters],
         )
         v, first_order = all_reduce_mean(outer[: len(virtual)]), outer[len(virtual) :]
-        direction = [
-            steps[name][0].gradient_scale(steps[name][1] is not None) * vi
-            for name, vi in zip(names, v, strict=True)
-        ]
+        direction = _step_vjp(stepped, grads, v)
         norm = torch.sqrt(sum((d * d).sum() for d in direction))  # type: ignore[arg-type]
         if float(norm) == 0.0:
             return first_order
@@ -274,10 +333,11 @@ class MetaUpdate:
             shifted = {
                 n: t + sign * eps * d for n, t, d in zip(names, theta, direction, strict=True)
             }
-            return self._grad_or_zero(train_loss(self._forward(shifted)), self.meta_parameters)
+            replay()
+            return _grads_or_zero(train_loss(self._forward(shifted)), self.meta_parameters)
 
         plus, minus = train_grad_at(1.0), train_grad_at(-1.0)
-        return [f - (p - m) / (2 * eps) for f, p, m in zip(first_order, plus, minus, strict=True)]
+        return [f + (p - m) / (2 * eps) for f, p, m in zip(first_order, plus, minus, strict=True)]
 
     def step(self, train_loss: LossFn, meta_loss: LossFn) -> bool:
         """Runs stage 2 if the schedule says so; returns whether the meta parameters moved.

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from msr_loss._validation import check_choice, check_flag, check_real, check_temperature
 from msr_loss.functional import barlow_twins, nt_xent
-from msr_loss.meta import LossFn, MetaUpdate
+from msr_loss.meta import MetaUpdate
 from msr_loss.types import BACKENDS, Backend, MetaMode
 
 
@@ -216,7 +216,8 @@ class MetaMaskUpdate(MetaUpdate):
     Args:
         model: The module whose parameters take the virtual step (backbone and heads).
         mask: The mask to learn; by default the one :class:`DimensionalMask` inside ``model``.
-        mask_optimizer: Defaults to MetaMask's SGD (lr 1e-3, momentum 0.9, weight decay 5e-4).
+        mask_optimizer: Defaults to MetaMask's SGD (lr 1e-3, momentum 0.9, weight decay 5e-4),
+            whose state :meth:`state_dict` then carries.
         encoder_optimizer: The encoder's optimizer, mirrored by the virtual step. Either this or
             ``lr``.
         lr: A fixed learning rate for a plain virtual SGD step.
@@ -230,6 +231,8 @@ class MetaMaskUpdate(MetaUpdate):
         >>> contrastive = lambda f: MetaMaskLoss().contrastive(f(x1)[1], f(x2)[1])
         >>> meta.step(contrastive, contrastive)
         True
+        >>> sorted(meta.state_dict())
+        ['calls', 'meta_optimizer']
     """
 
     def __init__(
@@ -246,6 +249,7 @@ class MetaMaskUpdate(MetaUpdate):
         self.mask = _mask_of(model) if mask is None else mask
         if not isinstance(self.mask, DimensionalMask):
             raise TypeError(f"mask must be a DimensionalMask, got {type(self.mask).__name__}")
+        self.owns_meta_optimizer = mask_optimizer is None
         if mask_optimizer is None:
             mask_optimizer = torch.optim.SGD(
                 self.mask.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4
@@ -260,7 +264,8 @@ class MetaMaskUpdate(MetaUpdate):
             every=every,
         )
 
-    def meta_gradients(self, train_loss: LossFn, meta_loss: LossFn) -> list[torch.Tensor]:
-        """The mask's meta-gradient, computed with the mask unfrozen."""
+    @contextlib.contextmanager
+    def meta_phase(self) -> Iterator[None]:
+        """The mask is unfrozen for the duration of the meta step."""
         with self.mask.meta_phase():
-            return super().meta_gradients(train_loss, meta_loss)
+            yield

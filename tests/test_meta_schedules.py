@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from lars_reference import LARS
 from torch import nn
 from torch.func import functional_call
 
@@ -37,15 +38,21 @@ def first_order_term(encoder, msr, meta_loss):
     return torch.autograd.grad(loss, [msr.logits])[0]
 
 
-def two_group_sgd(encoder, lr):
+OPTIMIZERS = {
+    "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.9, weight_decay=1e-3),
+    "adamw": lambda groups: torch.optim.AdamW(groups, weight_decay=1e-2),
+    "lars": lambda groups: LARS(groups, lr=0.1, momentum=0.9, eta=0.02, clip_lars_lr=True),
+}
+
+
+def two_groups(encoder, lr, kind="sgd"):
+    """The first layer at ``lr``, the second frozen at lr 0."""
     first, second = encoder[0], encoder[2]
-    return torch.optim.SGD(
+    return OPTIMIZERS[kind](
         [
             {"params": first.parameters(), "lr": lr},
             {"params": second.parameters(), "lr": 0.0},
-        ],
-        momentum=0.9,
-        weight_decay=1e-3,
+        ]
     )
 
 
@@ -64,10 +71,11 @@ def test_virtual_sgd_at_lr_zero_is_the_identity():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["cosine", "warmup_from_zero"])
-def test_schedule_to_lr_zero_runs_and_gives_the_first_order_term(mode, kind):
+@pytest.mark.parametrize("optimizer_kind", list(OPTIMIZERS))
+def test_schedule_to_lr_zero_runs_and_gives_the_first_order_term(mode, kind, optimizer_kind):
     encoder, msr, train_loss, meta_loss = make_problem()
     steps = 3
-    optimizer = two_group_sgd(encoder, lr=0.2)
+    optimizer = two_groups(encoder, lr=0.2, kind=optimizer_kind)
     scheduler = schedule(kind, optimizer, steps)
     meta = MetaUpdate(
         encoder,
@@ -109,10 +117,12 @@ def test_frozen_group_at_lr_zero_does_not_take_the_virtual_step(mode):
     """Only the first layer moves in the virtual step: the gradient must match that step."""
     encoder, msr, train_loss, meta_loss = make_problem(2)
     lr = 0.3
-    optimizer = two_group_sgd(encoder, lr=lr)
-    optimizer.param_groups[0]["momentum"] = 0.0
-    optimizer.param_groups[1]["momentum"] = 0.0
-    optimizer.param_groups[0]["weight_decay"] = 0.0
+    optimizer = torch.optim.SGD(
+        [
+            {"params": encoder[0].parameters(), "lr": lr},
+            {"params": encoder[2].parameters(), "lr": 0.0},
+        ]
+    )
     meta = MetaUpdate(
         encoder,
         msr.parameters(),
