@@ -8,6 +8,7 @@ as modules.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ from msr_loss._validation import (
     check_views,
     compute_dtype,
     without_autocast,
+)
+from msr_loss.multiview import (
+    check_all_views,
+    more_views_given,
+    multiview_info_nce,
+    multiview_interventional,
 )
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
@@ -94,6 +101,7 @@ def interventional_loss(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
 
@@ -102,6 +110,13 @@ def interventional_loss(
     logits of the negatives. The loss is ``-log P`` averaged over both views of every image,
     computed in the log domain, in float32 for half-precision inputs.
 
+    With ``more_views`` (multi-crop: V = 2 + len(more_views) views of each image) every view is
+    an anchor and each other view of its image a positive in turn; the term above is taken for
+    every (anchor, positive) pair, with the negatives of the other images in the positive's view
+    (``"cross_view"``) or in every view (``"all"``), and averaged over the anchor's V - 1 pairs.
+    The negatives are composed from two-view blocks (:mod:`msr_loss.similarity.views`), so memory
+    stays O(V N D) plus one two-view block; for V = 2 this is exactly the loss without it.
+
     Args:
         z1: (N, D) projections of the first view.
         z2: (N, D) projections of the second view.
@@ -109,14 +124,19 @@ def interventional_loss(
         temperature: Softmax temperature, > 0.
         negatives: ``"cross_view"`` (the paper's N-1 negatives from the other view) or ``"all"``
             (the 2N-2 views of the other images, as in NT-Xent).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (2N,) tensor, view 1 anchors first).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (V N,) tensor, one value per anchor,
+            the mean over its positives: view 1's N anchors first, then view 2's, then
+            ``more_views`` in order).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the negatives' similarity.
-        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor (rows in
-            the order view 1, view 2), already divided by the temperature; they join every
-            anchor's negatives (see :mod:`msr_loss.negatives`).
+        extra_negative_logits: Optional (V N, K) logits of further negatives per anchor (rows in
+            the order of ``reduction="none"``), already divided by the temperature; they join
+            every anchor's negatives, for each of its positives (see :mod:`msr_loss.negatives`).
         gather_distributed: Take the negatives from the views of every rank of the initialised
             process group, with gradients (see :mod:`msr_loss.distributed`); the anchors, the
-            reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N.
+            reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N
+            and the same number of views.
+        more_views: Further (N, D) views of the same N images (e.g. small crops), each of the
+            shape of ``z1``; empty by default.
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -128,6 +148,19 @@ def interventional_loss(
     """
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
+    if more_views_given(more_views):
+        views = check_all_views(z1, z2, more_views)
+        strata = check_strata(strata, views[0].shape[1], views[0].device)
+        per_anchor = multiview_interventional(
+            views,
+            strata,
+            temperature,
+            negatives,
+            backend,
+            extra_negative_logits,
+            gather_distributed,
+        )
+        return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
     dtype = compute_dtype(torch.promote_types(z1.dtype, strata.dtype))
@@ -158,19 +191,25 @@ def info_nce(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
+
+    With ``more_views`` each other view of the image is a positive in turn, as in
+    :func:`interventional_loss`.
 
     Args:
         z1: (N, D) projections of the first view.
         z2: (N, D) projections of the second view.
         temperature: Softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"`` (then this is NT-Xent).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (V N,) tensor, as in
+            :func:`interventional_loss`).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor, already
+        extra_negative_logits: Optional (V N, K) logits of further negatives per anchor, already
             divided by the temperature.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -180,6 +219,12 @@ def info_nce(
     """
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
+    if more_views_given(more_views):
+        views = check_all_views(z1, z2, more_views)
+        per_anchor = multiview_info_nce(
+            views, temperature, negatives, backend, extra_negative_logits, gather_distributed
+        )
+        return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
     anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
     positive_logits = (anchors * positives).sum(dim=1) / temperature
@@ -204,8 +249,11 @@ def nt_xent(
     reduction: Reduction = "mean",
     backend: Backend = "auto",
     gather_distributed: bool = False,
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
+
+    With ``more_views`` (V views), the (V - 1) N views of the other images.
 
     Args:
         z1: (N, D) projections of the first view.
@@ -214,6 +262,7 @@ def nt_xent(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 for float64 inputs and float32 otherwise.
@@ -229,6 +278,7 @@ def nt_xent(
         reduction=reduction,
         backend=backend,
         gather_distributed=gather_distributed,
+        more_views=more_views,
     )
 
 

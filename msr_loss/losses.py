@@ -13,6 +13,8 @@ Each module checks its settings when it is built and computes exactly its functi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -73,8 +75,13 @@ class NTXentLoss(_ContrastiveLoss):
     ) -> None:
         super().__init__(temperature, "all", reduction, backend, gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """The loss of the (N, D) projections ``z1`` and ``z2`` of two views of N images."""
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, *, more_views: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """The loss of the (N, D) projections ``z1`` and ``z2`` of two views of N images.
+
+        ``more_views`` are further (N, D) views of the same images (see :func:`msr_loss.nt_xent`).
+        """
         return nt_xent(
             z1,
             z2,
@@ -82,6 +89,7 @@ class NTXentLoss(_ContrastiveLoss):
             reduction=self.reduction,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
+            more_views=more_views,
         )
 
 
@@ -116,8 +124,13 @@ class InfoNCELoss(_ContrastiveLoss):
         z1: torch.Tensor,
         z2: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """The loss of ``z1`` and ``z2`` ((N, D) each), with optional (2N, K) extra negatives."""
+        """The loss of ``z1`` and ``z2`` ((N, D) each), with optional (V N, K) extra negatives.
+
+        ``more_views`` are further (N, D) views of the same images (see :func:`msr_loss.info_nce`).
+        """
         return info_nce(
             z1,
             z2,
@@ -127,6 +140,7 @@ class InfoNCELoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            more_views=more_views,
         )
 
 
@@ -166,8 +180,14 @@ class InterventionalLoss(_ContrastiveLoss):
         z2: torch.Tensor,
         strata: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """The loss of ``z1`` and ``z2`` ((N, D) each) over the (n, D) ``strata``."""
+        """The loss of ``z1`` and ``z2`` ((N, D) each) over the (n, D) ``strata``.
+
+        ``more_views`` are further (N, D) views of the same images (see
+        :func:`msr_loss.interventional_loss`).
+        """
         return interventional_loss(
             z1,
             z2,
@@ -178,6 +198,7 @@ class InterventionalLoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            more_views=more_views,
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -76,11 +78,14 @@ class MetaSemanticRegularizer(nn.Module):
         z1: torch.Tensor,
         z2: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """Returns ``weight * interventional_loss(z1, z2, strata)``.
+        """Returns ``weight * interventional_loss(z1, z2, strata, more_views=more_views)``.
 
-        ``extra_negative_logits`` ((2N, K), e.g. from :func:`msr_loss.non_semantic_logits`)
-        join every anchor's negatives.
+        ``extra_negative_logits`` ((V N, K), e.g. from :func:`msr_loss.non_semantic_logits`)
+        join every anchor's negatives; ``more_views`` are further (N, D) views of the same
+        images (multi-crop, see :func:`msr_loss.interventional_loss`).
         """
         loss = interventional_loss(
             z1,
@@ -91,6 +96,7 @@ class MetaSemanticRegularizer(nn.Module):
             backend=self.backend,
             gather_distributed=self.gather_distributed,
             extra_negative_logits=extra_negative_logits,
+            more_views=more_views,
         )
         return self.weight * loss
 

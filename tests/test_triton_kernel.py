@@ -143,6 +143,27 @@ def test_public_loss_agrees_across_backends(kernels, negatives):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("negatives", NEGATIVE_SETS)
+def test_multi_view_loss_agrees_across_backends(kernels, negatives):
+    gen = torch.Generator().manual_seed(2)
+    views = [torch.randn(24, 16, generator=gen).to(DEVICE) for _ in range(3)]
+    strata = torch.rand(4, 16, generator=gen).to(DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        inputs = [x.clone().requires_grad_() for x in (*views, strata)]
+        loss = interventional_loss(
+            *inputs[:2],
+            inputs[3],
+            temperature=0.1,
+            negatives=negatives,
+            backend=backend,
+            more_views=inputs[2:3],
+        )
+        results.append((loss, *torch.autograd.grad(loss, inputs)))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_graph_building_backward_gives_the_exact_second_derivative(kernels):
     zhat = unit_rows(2, 12, 8, torch.float32)
     grad_out = torch.randn(24, device=DEVICE)

@@ -1,0 +1,145 @@
+"""The losses for V > 2 views of each image (multi-crop): each view an anchor, the others positives.
+
+For anchor view ``j`` of image ``i`` and each other view ``p`` of the same image as the positive,
+the two-view term is taken with the negatives that
+:func:`~msr_loss.similarity.views.multiview_negative_logsumexp` gives the pair; an anchor's value
+is the mean over its V - 1 positives. The public entry points are
+:func:`msr_loss.interventional_loss`, :func:`msr_loss.info_nce` and :func:`msr_loss.nt_xent` with
+``more_views``; for V = 2 they do not come here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from msr_loss._validation import check_finite, check_floating, check_views, compute_dtype
+from msr_loss.similarity.views import multiview_negative_logsumexp
+
+
+def more_views_given(more_views: Sequence[object]) -> bool:
+    """Whether ``more_views`` holds any view; a tensor (not a sequence of them) is refused."""
+    if isinstance(more_views, torch.Tensor):
+        raise TypeError(
+            "more_views must be a sequence of (N, D) tensors, got a tensor; pass list(tensor)"
+        )
+    return len(more_views) > 0
+
+
+def check_all_views(z1: object, z2: object, more_views: Sequence[object]) -> list[torch.Tensor]:
+    """``[z1, z2, *more_views]`` checked: floating (N, D) tensors of one shape and device."""
+    z1, z2 = check_views(z1, z2)
+    views = [z1, z2]
+    for index, view in enumerate(more_views):
+        name = f"more_views[{index}]"
+        view = check_floating(name, view)
+        if view.shape != z1.shape:
+            raise ValueError(
+                f"{name} must have the shape of z1, {tuple(z1.shape)}, got {tuple(view.shape)}"
+            )
+        if view.device != z1.device:
+            raise ValueError(f"{name} is on {view.device}, z1 on {z1.device}")
+        check_finite(name, view)
+        views.append(view)
+    return views
+
+
+def _dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    return compute_dtype(functools.reduce(torch.promote_types, [t.dtype for t in tensors]))
+
+
+def _unit(views: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    eps = max(1e-12, torch.finfo(dtype).tiny)
+    return [F.normalize(view.to(dtype), dim=1, eps=eps) for view in views]
+
+
+def _negatives(
+    unit: Sequence[torch.Tensor],
+    temperature: float,
+    negatives: str,
+    backend: str,
+    extra_logits: torch.Tensor | None,
+    gather_distributed: bool,
+) -> torch.Tensor:
+    """(V, V - 1, N) negatives' log-sum-exp, with ``extra_logits`` ((V N, K)) joined in."""
+    lse = multiview_negative_logsumexp(unit, temperature, negatives, backend, gather_distributed)
+    if extra_logits is None:
+        return lse
+    num_views, num_images = len(unit), unit[0].shape[0]
+    extra = check_floating("extra_negative_logits", extra_logits)
+    if extra.dim() != 2 or extra.shape[0] != num_views * num_images:
+        raise ValueError(
+            f"extra_negative_logits must have shape (V * N, K) = ({num_views * num_images}, K) "
+            f"for V = {num_views} views of N = {num_images} images, got {tuple(extra.shape)}"
+        )
+    check_finite("extra_negative_logits", extra)
+    extra_lse = torch.logsumexp(extra.to(lse.dtype), dim=1).view(num_views, 1, num_images)
+    return torch.logaddexp(lse, extra_lse)
+
+
+def _other_views(num_views: int) -> list[list[int]]:
+    return [[p for p in range(num_views) if p != j] for j in range(num_views)]
+
+
+def _per_anchor(log_p: torch.Tensor) -> torch.Tensor:
+    """(V N,) loss per anchor, view 1 first: ``-log P`` averaged over the anchor's positives."""
+    return -log_p.mean(dim=1).reshape(-1)
+
+
+def multiview_interventional(
+    views: Sequence[torch.Tensor],
+    strata: torch.Tensor,
+    temperature: float,
+    negatives: str,
+    backend: str,
+    extra_logits: torch.Tensor | None,
+    gather_distributed: bool,
+) -> torch.Tensor:
+    """(V N,) interventional loss per anchor for checked ``views`` and ``strata`` (n, D)."""
+    dtype = _dtype([*views, strata])
+    unit = _unit(views, dtype)
+    strata = strata.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    squared = strata * strata
+    norms = [torch.sqrt(((view * view) @ squared.T).clamp_min(tiny)) for view in unit]
+    dots = {
+        (j, p): (unit[j] * unit[p]) @ strata.T
+        for j in range(len(unit))
+        for p in range(j + 1, len(unit))
+    }
+    positive = torch.stack(
+        [
+            torch.stack([dots[min(j, p), max(j, p)] / norms[p] for p in others])
+            for j, others in enumerate(_other_views(len(unit)))
+        ]
+    )
+    positive = positive / temperature
+    lse = _negatives(unit, temperature, negatives, backend, extra_logits, gather_distributed)
+    per_stratum = positive - torch.logaddexp(positive, lse[..., None])
+    log_p = torch.logsumexp(per_stratum, dim=-1) - math.log(strata.shape[0])
+    return _per_anchor(log_p)
+
+
+def multiview_info_nce(
+    views: Sequence[torch.Tensor],
+    temperature: float,
+    negatives: str,
+    backend: str,
+    extra_logits: torch.Tensor | None,
+    gather_distributed: bool,
+) -> torch.Tensor:
+    """(V N,) InfoNCE loss per anchor for checked ``views``."""
+    unit = _unit(views, _dtype(views))
+    positive = torch.stack(
+        [
+            torch.stack([(unit[j] * unit[p]).sum(dim=1) for p in others])
+            for j, others in enumerate(_other_views(len(unit)))
+        ]
+    )
+    positive = positive / temperature
+    lse = _negatives(unit, temperature, negatives, backend, extra_logits, gather_distributed)
+    return _per_anchor(positive - torch.logaddexp(positive, lse))
