@@ -16,7 +16,7 @@ from msr_loss.meta import Forward
 from msr_loss.metamask import DimensionalMask, MetaMaskUpdate
 from msr_loss.types import BACKENDS, META_MODES, Backend, MetaMode
 
-from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, more_views, positive
+from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, positive
 
 
 class _MaskedHead(nn.Module):
@@ -114,7 +114,7 @@ class MetaMaskTerm(AuxiliaryTerm):
             temperature=self.flags.temperature,
             backend=self.flags.backend,
             gather_distributed=self.flags.gather_distributed,
-            **more_views(projections),
+            more_views=projections[2:],
         )
 
     def loss(self, context: StepContext) -> torch.Tensor:

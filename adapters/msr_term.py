@@ -15,7 +15,7 @@ from msr_loss.meta import Forward, MetaUpdate
 from msr_loss.regularizers import MetaSemanticRegularizer
 from msr_loss.types import BACKENDS, META_MODES, NEGATIVE_SETS, Backend, MetaMode, NegativeSet
 
-from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, more_views, positive
+from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, positive
 
 
 class ICLMSRTerm(AuxiliaryTerm):
@@ -61,7 +61,7 @@ class ICLMSRTerm(AuxiliaryTerm):
         self._meta: MetaUpdate | None = None
 
     def _interventional(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return self.regularizer(views[0], views[1], **more_views(views))
+        return self.regularizer(views[0], views[1], more_views=views[2:])
 
     def _info_nce(self, views: list[torch.Tensor]) -> torch.Tensor:
         flags = self.flags
@@ -72,7 +72,7 @@ class ICLMSRTerm(AuxiliaryTerm):
             negatives=flags.negatives,
             backend=flags.backend,
             gather_distributed=flags.gather_distributed,
-            **more_views(views),
+            more_views=views[2:],
         )
 
     def loss(self, context: StepContext) -> torch.Tensor:

@@ -11,7 +11,7 @@ stage 2 of its own (ICL-MSR's meta update of the strata, MetaMask's of the mask)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -149,16 +149,6 @@ def backbone_of(host: nn.Module) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise TypeError(f"{type(host).__name__} has neither a 'backbone' nor an 'encoder' nn.Module")
-
-
-def more_views(views: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """The keyword that hands the views after the first two to a V-view loss.
-
-    Examples:
-        >>> more_views([torch.zeros(2, 3)] * 3)["more_views"][0].shape
-        torch.Size([2, 3])
-    """
-    return {"more_views": tuple(views[2:])} if len(views) > 2 else {}
 
 
 def forward_keeping_buffers(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
