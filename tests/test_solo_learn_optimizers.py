@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from msr_loss.adapters import MetaMaskFlags, MSRFlags, wrap_method
-from test_solo_learn_adapter import API, fit, solo_methods
+from test_solo_learn_adapter import API, BATCH, Digits, pl, solo_methods
 from test_solo_learn_training import (
     default_schedule,
     one_thread,  # noqa: F401  (pins torch to one thread)
 )
+from torch.utils.data import DataLoader
 
 virtual_step = pytest.importorskip("msr_loss.virtual_step")
 pytestmark = [
@@ -37,8 +38,8 @@ def test_the_virtual_step_is_solos_own_step_on_every_parameter_group(name):
         **default_schedule("simclr"),
         "num_small_crops": 0,
         "accumulate_grad_batches": 1,
-        "max_epochs": 3,
-        "warmup_epochs": 2,
+        "max_epochs": 6,
+        "warmup_epochs": 4,
         "warmup_start_lr": 0.01,
         "weight_decay": 1e-4,
         "classifier_lr": 0.2,
@@ -49,9 +50,18 @@ def test_the_virtual_step_is_solos_own_step_on_every_parameter_group(name):
     cls = wrap_method(
         solo_methods.SimSiam, MSRFlags(num_strata=4), MetaMaskFlags(head_hidden_dim=8)
     )
-    torch.manual_seed(0)
+    pl.seed_everything(0, workers=True)
     model = cls(**kwargs)
-    trainer = fit(model, steps=2, max_epochs=3)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(Digits(size=BATCH), batch_size=BATCH))
     optimizer = trainer.optimizers[0]
     assert model.msr_terms["msr"]._meta.encoder_optimizer is optimizer
     groups = {
@@ -61,7 +71,8 @@ def test_the_virtual_step_is_solos_own_step_on_every_parameter_group(name):
     assert groups["classifier"]["weight_decay"] == 0
     lrs = {name: group["lr"] for name, group in groups.items()}
     assert lrs["group 3"] == kwargs["lr"], "SimSiam's predictor group has a static lr"
-    assert lrs["encoder"] < kwargs["lr"] and lrs["classifier"] < kwargs["classifier_lr"]
+    assert 0 < lrs["encoder"] < kwargs["lr"] and 0 < lrs["classifier"] < kwargs["classifier_lr"]
+    assert lrs["classifier"] != lrs["encoder"]
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(1)

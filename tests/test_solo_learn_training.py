@@ -6,7 +6,7 @@ real Lightning ``Trainer`` on solo's own optimizer (SGD wrapped in its LARS) and
 ``warmup_cosine`` schedule from ``warmup_start_lr = 0`` (so the whole first epoch runs at lr 0,
 the case that used to crash stage 2), with ``accumulate_grad_batches = 2`` and two large plus two
 small crops (Barlow Twins: two large crops, as 1.0.2's Barlow Twins unpacks exactly two). Tiny:
-resnet18 on 16x16 scikit-learn digits (small crops 8x8), batch 4, 16 images, one CPU thread.
+resnet18 on 16x16 scikit-learn digits (small crops 8x8), batch 4, 8 images, one CPU thread.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.skipif(API != "kwargs", reason="the CI schedule is written for solo-learn 1.0.x"),
 ]
-BATCH, IMAGES, EPOCHS, ACCUMULATE = 4, 16, 2, 2
+BATCH, IMAGES, EPOCHS, ACCUMULATE = 4, 8, 2, 2
 REAL_STEPS = EPOCHS * IMAGES // (BATCH * ACCUMULATE)
 SMALL_CROPS = {"simclr": 2, "byol": 2, "barlow_twins": 0}
 BLOCKS = {
