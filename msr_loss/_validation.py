@@ -123,6 +123,8 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: use a real device")
     return tensor
 
 
@@ -181,22 +183,28 @@ def check_strata(strata: object, dim: int, device: torch.device) -> torch.Tensor
     return strata
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32 and every narrower float compute in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype a loss of inputs of ``dtypes`` computes in: float64 if any input is float64.
+
+    float32 and every narrower float compute in float32, whatever the order of the inputs.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def without_autocast(loss: _Loss) -> _Loss:
     """Runs ``loss`` with autocast off on the device of its first tensor argument.
 
     The losses choose their own compute dtype (:func:`compute_dtype`); inside a ``torch.autocast``
-    region their matmuls would otherwise drop back to half precision.
+    region their matmuls would otherwise drop back to half precision. Tensors on the ``meta``
+    device (no autocast there) go straight to the loss, whose checks reject them by name.
     """
 
     @functools.wraps(loss)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         device = tensors[0].device.type if tensors else "cpu"
+        if device == "meta":
+            return loss(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):
             return loss(*args, **kwargs)
 

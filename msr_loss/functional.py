@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from msr_loss._validation import (
     check_finite,
+    check_flag,
     check_floating,
     check_loss_choices,
     check_real,
@@ -43,14 +44,50 @@ def _reduce(per_anchor: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     return per_anchor
 
 
+def scale_rows(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x`` divided by its largest absolute entry along ``dim`` (detached); zeros stay zeros.
+
+    Every loss here is invariant to that scale, and after it no square overflows or underflows:
+    finite rows of any magnitude normalise correctly.
+    """
+    largest = x.detach().abs().amax(dim=dim, keepdim=True)
+    return x / torch.where(largest > 0, largest, torch.ones_like(largest))
+
+
+def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of ``x`` (last dimension) as unit vectors in ``dtype``; zero rows stay zero.
+
+    After :func:`scale_rows` a non-zero row has norm >= 1, so any normalising epsilon below 1
+    gives the same unit rows and only meets zero rows: at 0.5 their gradient is twice the
+    incoming one (finite even in float16), where a dtype's tiny epsilon would blow it up.
+    """
+    return F.normalize(scale_rows(x.to(dtype)), dim=-1, eps=0.5)
+
+
 def _anchors_and_positives(
     z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    views = torch.cat([z1, z2])
-    eps = max(1e-12, torch.finfo(views.dtype).tiny)
-    anchors = F.normalize(views.to(dtype), dim=1, eps=eps)
+    anchors = unit_rows(torch.cat([z1.to(dtype), z2.to(dtype)]), dtype)
     n = z1.shape[0]
     return anchors, torch.cat([anchors[n:], anchors[:n]])
+
+
+def _check_extra_logits(
+    extra_logits: torch.Tensor | None, rows: int, device: torch.device
+) -> torch.Tensor | None:
+    if extra_logits is None:
+        return None
+    if isinstance(extra_logits, torch.Tensor) and extra_logits.device != device:
+        raise ValueError(
+            f"extra_negative_logits is on {extra_logits.device} but the views are on {device}"
+        )
+    extra = check_floating("extra_negative_logits", extra_logits)
+    if extra.dim() != 2 or extra.shape[0] != rows:
+        raise ValueError(
+            f"extra_negative_logits must have shape ({rows}, K), got {tuple(extra.shape)}"
+        )
+    check_finite("extra_negative_logits", extra)
+    return extra
 
 
 def _negatives_lse(
@@ -66,14 +103,7 @@ def _negatives_lse(
     lse = lse_fn(anchors, num_images, temperature, negatives, backend)
     if extra_logits is None:
         return lse
-    extra = check_floating("extra_negative_logits", extra_logits)
-    if extra.dim() != 2 or extra.shape[0] != anchors.shape[0]:
-        raise ValueError(
-            f"extra_negative_logits must have shape ({anchors.shape[0]}, K), "
-            f"got {tuple(extra.shape)}"
-        )
-    check_finite("extra_negative_logits", extra)
-    return torch.logaddexp(lse, torch.logsumexp(extra.to(anchors.dtype), dim=1))
+    return torch.logaddexp(lse, torch.logsumexp(extra_logits.to(anchors.dtype), dim=1))
 
 
 def stratified_positive_logits(
@@ -139,7 +169,7 @@ def interventional_loss(
             shape of ``z1``; empty by default.
 
     Returns:
-        The loss, in float64 for float64 inputs and float32 otherwise.
+        The loss, in float64 if any tensor input is float64 and float32 otherwise.
 
     Examples:
         >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
@@ -148,32 +178,32 @@ def interventional_loss(
     """
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
+    gather_distributed = check_flag("gather_distributed", gather_distributed)
     if more_views_given(more_views):
         views = check_all_views(z1, z2, more_views)
-        strata = check_strata(strata, views[0].shape[1], views[0].device)
+        strata = check_strata(strata, z1.shape[1], z1.device)
+        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+        dtype = compute_dtype(*[t.dtype for t in (*views, strata, extra) if t is not None])
         per_anchor = multiview_interventional(
-            views,
-            strata,
+            [unit_rows(view, dtype) for view in views],
+            scale_rows(strata.to(dtype)),
             temperature,
             negatives,
             backend,
-            extra_negative_logits,
+            extra,
             gather_distributed,
         )
         return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
-    dtype = compute_dtype(torch.promote_types(z1.dtype, strata.dtype))
+    extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
+    dtype = compute_dtype(*[t.dtype for t in (z1, z2, strata, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
-    positive_logits = stratified_positive_logits(anchors, positives, strata.to(dtype), temperature)
+    positive_logits = stratified_positive_logits(
+        anchors, positives, scale_rows(strata.to(dtype)), temperature
+    )
     lse = _negatives_lse(
-        anchors,
-        z1.shape[0],
-        temperature,
-        negatives,
-        backend,
-        extra_negative_logits,
-        gather_distributed,
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
     )
     per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
@@ -212,30 +242,34 @@ def info_nce(
         more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
-        The loss, in float64 for float64 inputs and float32 otherwise.
+        The loss, in float64 if any tensor input is float64 and float32 otherwise.
 
     Examples:
         >>> loss = info_nce(torch.randn(8, 16), torch.randn(8, 16), temperature=0.1)
     """
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
+    gather_distributed = check_flag("gather_distributed", gather_distributed)
     if more_views_given(more_views):
         views = check_all_views(z1, z2, more_views)
+        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+        dtype = compute_dtype(*[t.dtype for t in (*views, extra) if t is not None])
         per_anchor = multiview_info_nce(
-            views, temperature, negatives, backend, extra_negative_logits, gather_distributed
+            [unit_rows(view, dtype) for view in views],
+            temperature,
+            negatives,
+            backend,
+            extra,
+            gather_distributed,
         )
         return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
-    anchors, positives = _anchors_and_positives(z1, z2, compute_dtype(z1.dtype))
+    extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
+    dtype = compute_dtype(*[t.dtype for t in (z1, z2, extra) if t is not None])
+    anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(
-        anchors,
-        z1.shape[0],
-        temperature,
-        negatives,
-        backend,
-        extra_negative_logits,
-        gather_distributed,
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
     )
     log_p = positive_logits - torch.logaddexp(positive_logits, lse)
     return _reduce(-log_p, reduction)
@@ -265,7 +299,7 @@ def nt_xent(
         more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
-        The loss, in float64 for float64 inputs and float32 otherwise.
+        The loss, in float64 if any tensor input is float64 and float32 otherwise.
 
     Examples:
         >>> loss = nt_xent(torch.randn(8, 16), torch.randn(8, 16), temperature=0.5)
@@ -303,8 +337,8 @@ def non_semantic_logits(
         alpha: The scale on the similarity (2 in the paper, 3 also reported), > 0.
 
     Returns:
-        (M, K) logits (K = 1 for (M, D) ``negative_embeddings``), in float64 for float64
-        inputs, else float32.
+        (M, K) logits (K = 1 for (M, D) ``negative_embeddings``), in float64 if either input
+        is float64, else float32.
 
     Examples:
         >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
@@ -335,9 +369,9 @@ def non_semantic_logits(
         )
     check_finite("queries", queries)
     check_finite("negative_embeddings", embeddings)
-    dtype = compute_dtype(torch.promote_types(queries.dtype, embeddings.dtype))
-    q = F.normalize(queries.to(dtype), dim=1)
-    t = F.normalize(grouped.to(dtype), dim=2)
+    dtype = compute_dtype(queries.dtype, embeddings.dtype)
+    q = unit_rows(queries, dtype)
+    t = unit_rows(grouped, dtype)
     return alpha * torch.einsum("md,mkd->mk", q, t) / temperature
 
 
@@ -351,24 +385,30 @@ def barlow_twins(
     released code), ``C = z1^T z2 / N`` and the loss is
     ``sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2``.
 
+    The loss is invariant to the scale of each dimension: a dimension is divided by its largest
+    absolute value before it is standardised, so neither huge nor tiny values overflow or count
+    as constant. It stops where the compute dtype does: a dimension whose standard deviation is
+    below ``finfo(dtype).eps`` (1.19e-7 in float32) times its largest absolute value is floored
+    there, as a constant.
+
     Args:
         z1: (N, D) projections of the first view, N >= 2.
         z2: (N, D) projections of the second view.
         off_diagonal_weight: The weight lambda of the redundancy term, >= 0.
 
     Returns:
-        A scalar, in float64 for float64 inputs and float32 otherwise.
+        A scalar, in float64 if either input is float64 and float32 otherwise.
 
     Examples:
         >>> loss = barlow_twins(torch.randn(16, 32), torch.randn(16, 32))
     """
     off_diagonal_weight = check_real("off_diagonal_weight", off_diagonal_weight, at_least=0)
     z1, z2 = check_views(z1, z2)
-    dtype = compute_dtype(z1.dtype)
+    dtype = compute_dtype(z1.dtype, z2.dtype)
     eps = torch.finfo(dtype).eps
 
     def standardise(z: torch.Tensor) -> torch.Tensor:
-        z = z.to(dtype)
+        z = scale_rows(z.to(dtype), dim=0)
         return (z - z.mean(dim=0)) / z.std(dim=0).clamp_min(eps)
 
     c = standardise(z1).T @ standardise(z2) / z1.shape[0]

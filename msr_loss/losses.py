@@ -18,7 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from msr_loss._validation import check_flag, check_loss_choices, check_real, check_temperature
+from msr_loss._validation import (
+    check_flag,
+    check_floating,
+    check_loss_choices,
+    check_real,
+    check_temperature,
+    check_views,
+)
 from msr_loss.functional import info_nce, interventional_loss, non_semantic_logits, nt_xent
 from msr_loss.types import Backend, NegativeSet, Reduction
 
@@ -202,6 +209,18 @@ class InterventionalLoss(_ContrastiveLoss):
         )
 
 
+def _check_negative_embeddings(
+    name: str, embeddings: object, views_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Checks one view's (N, D) or (N, K, D) negative embeddings against its (N, D) views."""
+    embeddings = check_floating(name, embeddings)
+    n, d = views_shape
+    shape = tuple(embeddings.shape)
+    if embeddings.dim() not in (2, 3) or shape[0] != n or shape[-1] != d:
+        raise ValueError(f"{name} must have shape ({n}, {d}) or ({n}, K, {d}), got {shape}")
+    return embeddings
+
+
 class NonSemanticContrastiveLoss(_ContrastiveLoss):
     """InfoNCE (or the interventional loss) with each anchor's non-semantic negatives added.
 
@@ -251,6 +270,14 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
             t2: The same for view 2.
             strata: If given, (n, D) strata: the interventional loss instead of InfoNCE.
         """
+        z1, z2 = check_views(z1, z2)
+        shape = tuple(z1.shape)
+        t1 = _check_negative_embeddings("t1", t1, shape)
+        t2 = _check_negative_embeddings("t2", t2, shape)
+        if t1.shape != t2.shape:
+            raise ValueError(
+                f"t1 and t2 must have the same shape, got {tuple(t1.shape)} and {tuple(t2.shape)}"
+            )
         extra = non_semantic_logits(
             torch.cat([z1, z2]), torch.cat([t1, t2]), temperature=self.temperature, alpha=self.alpha
         )

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from msr_loss._validation import check_choice, check_flag, check_real, check_temperature
+from msr_loss._validation import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_real,
+    check_temperature,
+)
 from msr_loss.functional import barlow_twins, nt_xent
 from msr_loss.meta import MetaUpdate
 from msr_loss.types import BACKENDS, Backend, MetaMode
@@ -41,10 +47,7 @@ class DimensionalMask(nn.Module):
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
-            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        num_features = check_integer("num_features", num_features, at_least=1)
         self.logits = nn.Parameter(torch.zeros(num_features), requires_grad=False)
 
     @property

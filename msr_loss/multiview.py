@@ -10,14 +10,12 @@ is the mean over its V - 1 positives. The public entry points are
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from msr_loss._validation import check_finite, check_floating, check_views, compute_dtype
+from msr_loss._validation import check_finite, check_floating, check_views
 from msr_loss.similarity.views import multiview_negative_logsumexp
 
 
@@ -48,15 +46,6 @@ def check_all_views(z1: object, z2: object, more_views: Sequence[object]) -> lis
     return views
 
 
-def _dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    return compute_dtype(functools.reduce(torch.promote_types, [t.dtype for t in tensors]))
-
-
-def _unit(views: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    eps = max(1e-12, torch.finfo(dtype).tiny)
-    return [F.normalize(view.to(dtype), dim=1, eps=eps) for view in views]
-
-
 def _negatives(
     unit: Sequence[torch.Tensor],
     temperature: float,
@@ -65,20 +54,13 @@ def _negatives(
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
 ) -> torch.Tensor:
-    """(V, V - 1, N) negatives' log-sum-exp, with ``extra_logits`` ((V N, K)) joined in."""
+    """(V, V - 1, N) negatives' log-sum-exp, with the checked ``extra_logits`` (V N, K) joined."""
     lse = multiview_negative_logsumexp(unit, temperature, negatives, backend, gather_distributed)
     if extra_logits is None:
         return lse
     num_views, num_images = len(unit), unit[0].shape[0]
-    extra = check_floating("extra_negative_logits", extra_logits)
-    if extra.dim() != 2 or extra.shape[0] != num_views * num_images:
-        raise ValueError(
-            f"extra_negative_logits must have shape (V * N, K) = ({num_views * num_images}, K) "
-            f"for V = {num_views} views of N = {num_images} images, got {tuple(extra.shape)}"
-        )
-    check_finite("extra_negative_logits", extra)
-    extra_lse = torch.logsumexp(extra.to(lse.dtype), dim=1).view(num_views, 1, num_images)
-    return torch.logaddexp(lse, extra_lse)
+    extra_lse = torch.logsumexp(extra_logits.to(lse.dtype), dim=1)
+    return torch.logaddexp(lse, extra_lse.view(num_views, 1, num_images))
 
 
 def _other_views(num_views: int) -> list[list[int]]:
@@ -91,7 +73,7 @@ def _per_anchor(log_p: torch.Tensor) -> torch.Tensor:
 
 
 def multiview_interventional(
-    views: Sequence[torch.Tensor],
+    unit: Sequence[torch.Tensor],
     strata: torch.Tensor,
     temperature: float,
     negatives: str,
@@ -99,11 +81,11 @@ def multiview_interventional(
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
 ) -> torch.Tensor:
-    """(V N,) interventional loss per anchor for checked ``views`` and ``strata`` (n, D)."""
-    dtype = _dtype([*views, strata])
-    unit = _unit(views, dtype)
-    strata = strata.to(dtype)
-    tiny = torch.finfo(dtype).tiny
+    """(V N,) interventional loss per anchor of unit-norm views and (n, D) ``strata``.
+
+    The views, the strata and ``extra_logits`` (V N, K) come checked, in the compute dtype.
+    """
+    tiny = torch.finfo(strata.dtype).tiny
     squared = strata * strata
     norms = [torch.sqrt(((view * view) @ squared.T).clamp_min(tiny)) for view in unit]
     dots = {
@@ -125,15 +107,14 @@ def multiview_interventional(
 
 
 def multiview_info_nce(
-    views: Sequence[torch.Tensor],
+    unit: Sequence[torch.Tensor],
     temperature: float,
     negatives: str,
     backend: str,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
 ) -> torch.Tensor:
-    """(V N,) InfoNCE loss per anchor for checked ``views``."""
-    unit = _unit(views, _dtype(views))
+    """(V N,) InfoNCE loss per anchor of unit-norm views (as :func:`multiview_interventional`)."""
     positive = torch.stack(
         [
             torch.stack([(unit[j] * unit[p]).sum(dim=1) for p in others])

@@ -18,6 +18,7 @@ from msr_loss import (
     interventional_loss,
     nt_xent,
 )
+from msr_loss.functional import unit_rows
 from msr_loss.multiview import multiview_interventional
 
 NEGATIVES = ("cross_view", "all")
@@ -136,7 +137,8 @@ def test_two_views_are_todays_loss(negatives):
     for fn in (info_nce, InfoNCELoss(temperature=TAU, negatives=negatives)):
         kwargs = {"temperature": TAU, "negatives": negatives} if fn is info_nce else {}
         assert torch.equal(fn(*views, more_views=(), **kwargs), fn(*views, **kwargs))
-    composed = multiview_interventional(views, strata, TAU, negatives, "torch", None, False)
+    unit = [unit_rows(view, torch.float64) for view in views]
+    composed = multiview_interventional(unit, strata, TAU, negatives, "torch", None, False)
     close(
         composed,
         interventional_loss(*views, strata, temperature=TAU, negatives=negatives, reduction="none"),
@@ -212,7 +214,34 @@ def test_bad_more_views_are_named():
         info_nce(z1, z2, temperature=TAU, more_views=torch.randn(1, 4, 5))
     with pytest.raises(ValueError, match=r"more_views\[1\] must be finite|more_views\[1\]"):
         info_nce(z1, z2, temperature=TAU, more_views=[z1, z2 * float("nan")])
-    with pytest.raises(ValueError, match=r"\(V \* N, K\) = \(12, K\)"):
+    with pytest.raises(ValueError, match=r"extra_negative_logits must have shape \(12, K\)"):
         interventional_loss(
             z1, z2, strata, temperature=TAU, more_views=[z2], extra_negative_logits=torch.ones(8, 2)
         )
+
+
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_hostile_values_stay_finite_and_match_float64(negatives):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 8, generator=gen)
+    views = [base + 1e-3 * torch.randn(6, 8, generator=gen) for _ in range(4)]
+    views[2] = views[2] * 1e30
+    views[3] = views[3] * 1e-30
+    strata = torch.rand(3, 8, generator=gen)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        inputs = [x.to(dtype).requires_grad_() for x in (*views, strata)]
+        loss = interventional_loss(
+            inputs[0],
+            inputs[1],
+            inputs[4],
+            temperature=0.01,
+            negatives=negatives,
+            more_views=inputs[2:4],
+        )
+        grads = torch.autograd.grad(loss, inputs)
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        results.append([t.detach() for t in (loss, *grads)])
+    for got, expected in zip(*results, strict=True):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3 * scale)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from msr_loss._validation import check_images, check_real
+from msr_loss._validation import check_finite, check_images, check_integer, check_real
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -140,11 +140,12 @@ def texture_negatives(
         torch.Size([3, 24, 24])
     """
     images = check_images(images, (3, 4))
+    if images.is_floating_point():
+        check_finite("images", images)
     crop_fraction = check_real("crop_fraction", crop_fraction, above=0, at_most=1.0)
     block_fraction = check_real("block_fraction", block_fraction, above=0, at_most=1.0)
     overlap_fraction = check_real("overlap_fraction", overlap_fraction, above=0, at_most=0.5)
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    tolerance = check_real("tolerance", tolerance, at_least=0)
     height, width = images.shape[-2:]
     if min(height, width) < 2:
         raise ValueError(f"images must be at least 2x2 pixels, got {height}x{width}")
@@ -211,6 +212,7 @@ def synthesize_texture_folder(
         from PIL import Image
     except ImportError as error:
         raise ImportError("synthesize_texture_folder needs Pillow: pip install pillow") from error
+    seed = check_integer("seed", seed, at_least=0)
     source, target = Path(source), Path(target)
     if not source.is_dir():
         raise ValueError(f"source must be an existing folder, got {str(source)!r}")
