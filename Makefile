@@ -1,4 +1,6 @@
 # `make demo` and `make test` each set up .venv on first use (torch, triton, solo-learn, test tools).
+# The adapter's tests run on PyPI's solo-learn 1.0.2 and its pinned stack (the `solo-test` extra);
+# the `solo` extra users install holds only what the adapter imports.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
@@ -8,7 +10,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1" "setuptools>=77,<81"
-	$(PIP) -e ".[dev,triton,solo,benchmarks]"
+	$(PIP) -e ".[dev,triton,solo,solo-test,benchmarks]"
 	$(PIP) --no-deps "solo-learn==1.0.2"
 	touch $@
 

@@ -205,7 +205,9 @@ def test_a_misspelt_precision_on_a_loss_or_the_regularizer_names_the_argument():
         MetaSemanticRegularizer(8, 2, temperature=0.1, precision="fp16")  # type: ignore[arg-type]
 
 
-def test_the_solo_learn_flag_blocks_carry_precision_to_their_losses():
+def test_the_solo_learn_flag_blocks_carry_precision_to_their_losses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from msr_loss.adapters.metamask_term import MetaMaskFlags, MetaMaskTerm
     from msr_loss.adapters.msr_term import ICLMSRTerm, MSRFlags
     from msr_loss.adapters.nsneg_term import NonSemanticNegativesTerm, NSNegFlags
@@ -213,7 +215,15 @@ def test_the_solo_learn_flag_blocks_carry_precision_to_their_losses():
     msr = ICLMSRTerm(MSRFlags.from_block({"num_strata": 2, "precision": "bf16"}), 8)
     assert msr.regularizer.precision == "bf16"
     metamask = MetaMaskTerm(MetaMaskFlags.from_block({"precision": "tf32"}), 8)
-    assert metamask.criterion.precision == "tf32"
+    seen: dict[str, object] = {}
+
+    def recording_nt_xent(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.update(kwargs)
+        return torch.zeros(())
+
+    monkeypatch.setattr("msr_loss.adapters.metamask_term.nt_xent", recording_nt_xent)
+    metamask._contrastive([torch.randn(4, 8), torch.randn(4, 8)])
+    assert seen["precision"] == "tf32"
     nsneg = NonSemanticNegativesTerm(NSNegFlags.from_block({"precision": "fp32"}))
     assert nsneg.criterion.precision == "fp32"
     with pytest.raises(ValueError, match=r"msr\.precision must be one of"):
