@@ -1,14 +1,16 @@
 # `make demo` and `make test` each set up .venv on first use (torch, triton, solo-learn, test tools).
+# The adapter's tests run on PyPI's solo-learn 1.0.2 and its pinned stack (the `solo-test` extra);
+# the `solo` extra users install holds only what the adapter imports.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint wheel-check
+.PHONY: demo test lint wheel-check gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1" "setuptools>=77,<81"
-	$(PIP) -e ".[dev,triton,solo,benchmarks]"
+	$(PIP) -e ".[dev,triton,solo,solo-test,benchmarks]"
 	$(PIP) --no-deps "solo-learn==1.0.2"
 	touch $@
 
@@ -17,6 +19,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a CUDA machine: the kernel tests on CUDA, then the timing table (CSV, PNG, Markdown), <= 8 min.
+gpu-check: $(VENV)/.installed
+	$(PY) -m msr_loss.benchmarks.gpu_check --out-dir gpu-check-results --budget 480
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check msr_loss adapters tests benchmarks

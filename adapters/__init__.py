@@ -9,11 +9,12 @@ from .metamask_term import MetaMaskFlags, MetaMaskTerm
 from .msr_term import ICLMSRTerm, MSRFlags
 from .nsneg_term import NonSemanticNegativesTerm, NSNegFlags
 from .solo_learn import flags_from_config, register, solo_api, wrap_method
-from .terms import AuxiliaryTerm, StepContext
+from .terms import AuxiliaryTerm, FlagBlock, StepContext
 
 __all__ = [
     "TERMS",
     "AuxiliaryTerm",
+    "FlagBlock",
     "ICLMSRTerm",
     "MSRFlags",
     "MetaMaskFlags",

@@ -2,78 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from msr_loss._validation import check_choice, check_temperature
+from msr_loss._validation import check_choice, check_integer, check_real, check_temperature
+from msr_loss.functional import nt_xent
 from msr_loss.meta import Forward
-from msr_loss.metamask import DimensionalMask, MetaMaskLoss, MetaMaskUpdate
-from msr_loss.types import META_MODES, Backend, MetaMode
+from msr_loss.metamask import DimensionalMask, MetaMaskUpdate
+from msr_loss.types import BACKENDS, META_MODES, PRECISIONS, Backend, MetaMode, Precision
 
-from .terms import AuxiliaryTerm, StepContext, backbone_of, flags_from_block
-
-
-@dataclass(frozen=True)
-class MetaMaskFlags:
-    """The ``metamask`` flag block: MetaMask on a solo-learn method.
-
-    The term adds ``weight * NT-Xent`` of a second (contrastive) head; on solo-learn's
-    ``barlow_twins`` (with ``scale_loss=1`` and ``lamb=0.005``) the total loss is MetaMask's
-    objective ``L_BT + w_cl * NT-Xent``, up to solo-learn's own Barlow Twins normalisation.
-
-    Args:
-        weight: The factor w_cl on the contrastive term (10 in MetaMask).
-        temperature: NT-Xent temperature.
-        head_hidden_dim: Hidden width of the contrastive head; its output width is the host
-            projector's.
-        mask_lr: Learning rate of the mask's SGD optimizer.
-        mask_momentum: Momentum of the mask's SGD optimizer.
-        mask_weight_decay: Weight decay of the mask's SGD optimizer.
-        meta_every: Run the meta step after every ``meta_every``-th optimizer step.
-        meta_mode: ``"finite_difference"`` or ``"exact"`` (see :class:`msr_loss.MetaUpdate`).
-        backend: Similarity backend of NT-Xent, ``"auto"``, ``"torch"`` or ``"triton"``.
-        gather_distributed: Under DDP, take NT-Xent's negatives from every rank.
-        enabled: Whether the term is on; a block without ``enabled`` is on.
-
-    Examples:
-        >>> MetaMaskFlags.from_block({"weight": 1, "meta_mode": "exact"}).weight
-        1.0
-    """
-
-    weight: float = 10.0
-    temperature: float = 0.07
-    head_hidden_dim: int = 2048
-    mask_lr: float = 1e-3
-    mask_momentum: float = 0.9
-    mask_weight_decay: float = 5e-4
-    meta_every: int = 1
-    meta_mode: MetaMode = "finite_difference"
-    backend: Backend = "auto"
-    gather_distributed: bool = False
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        check_temperature(self.temperature)
-        check_choice("metamask.meta_mode", self.meta_mode, META_MODES)
-        if self.head_hidden_dim < 1:
-            raise ValueError(f"metamask.head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
-        if not self.mask_lr > 0:
-            raise ValueError(f"metamask.mask_lr must be > 0, got {self.mask_lr}")
-        if self.meta_every < 1:
-            raise ValueError(f"metamask.meta_every must be >= 1, got {self.meta_every}")
-
-    @classmethod
-    def from_block(cls, block: Mapping[str, Any]) -> MetaMaskFlags:
-        """Reads a flag block, rejecting unknown keys and values of the wrong type."""
-        return flags_from_block(cls, "metamask", block)
-
-    def build(self, projection_dim: int) -> AuxiliaryTerm:
-        """The term; its contrastive head ends at width ``projection_dim``."""
-        return MetaMaskTerm(self, projection_dim)
+from .terms import AuxiliaryTerm, Check, FlagBlock, StepContext, positive
 
 
 class _MaskedHead(nn.Module):
@@ -97,9 +40,10 @@ class MetaMaskTerm(AuxiliaryTerm):
     projection head sees masked features while the online classifier, k-NN and
     ``main_linear.py`` see the backbone's own; it adds a contrastive head
     (Linear, BatchNorm, ReLU, Linear) trained by the host's optimizer. Stage 1 adds
-    ``weight * NT-Xent`` of the head on the masked features of the first two large crops; the
-    mask is frozen there. Stage 2 is :class:`msr_loss.MetaMaskUpdate` after each host optimizer
-    step: a virtual step of backbone and head mirroring the host optimizer, with NT-Xent of the
+    ``weight * NT-Xent`` of the head on the masked features of every crop the method projected
+    (large and small; each crop's positives are the other crops of its image); the mask is frozen
+    there. Stage 2 is :class:`msr_loss.MetaMaskUpdate` after each real host optimizer step: a
+    virtual step of backbone and head mirroring the host optimizer, with NT-Xent of the
     same crops as both the virtual step's loss and the meta objective, as in MetaMask's code.
 
     Args:
@@ -127,12 +71,6 @@ class MetaMaskTerm(AuxiliaryTerm):
         super().__init__()
         self.flags = flags
         self.projection_dim = projection_dim
-        self.criterion = MetaMaskLoss(
-            temperature=flags.temperature,
-            contrastive_weight=flags.weight,
-            backend=flags.backend,
-            gather_distributed=flags.gather_distributed,
-        )
         self.meta_calls = 0
         self._meta: MetaMaskUpdate | None = None
 
@@ -158,7 +96,6 @@ class MetaMaskTerm(AuxiliaryTerm):
             momentum=flags.mask_momentum,
             weight_decay=flags.mask_weight_decay,
         )
-        self.__dict__["_masked_head"] = _MaskedHead(backbone_of(host), self.mask, self.head)
         for name in ("projector", "momentum_projector"):
             projector = getattr(host, name, None)
             if isinstance(projector, nn.Module):
@@ -170,20 +107,34 @@ class MetaMaskTerm(AuxiliaryTerm):
     def host_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
 
-    def _contrastive(self, forward: Forward, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.criterion.contrastive(forward(x1), forward(x2))
+    def _contrastive(self, projections: Sequence[torch.Tensor]) -> torch.Tensor:
+        return nt_xent(
+            projections[0],
+            projections[1],
+            temperature=self.flags.temperature,
+            backend=self.flags.backend,
+            precision=self.flags.precision,
+            gather_distributed=self.flags.gather_distributed,
+            more_views=projections[2:],
+        )
 
     def loss(self, context: StepContext) -> torch.Tensor:
         if context.features is None:
             raise ValueError("the metamask term needs the backbone features in the StepContext")
-        f1, f2 = context.features
-        return self.flags.weight * self._contrastive(self.head, f1, f2)
+        return self.flags.weight * self._contrastive([self.head(f) for f in context.features])
 
-    def after_optimizer_step(self, context: StepContext, optimizer: torch.optim.Optimizer) -> None:
+    def _meta_update(
+        self, context: StepContext, optimizer: torch.optim.Optimizer
+    ) -> MetaMaskUpdate:
+        backbone = context.encoder.get_submodule("backbone")
         meta = self._meta
-        if meta is None or meta.encoder_optimizer is not optimizer:
+        if (
+            meta is None
+            or meta.encoder_optimizer is not optimizer
+            or meta.encoder.backbone is not (backbone)
+        ):
             meta = MetaMaskUpdate(
-                self.__dict__["_masked_head"],
+                _MaskedHead(backbone, self.mask, self.head),
                 self.mask,
                 self.mask_optimizer,
                 encoder_optimizer=optimizer,
@@ -192,11 +143,15 @@ class MetaMaskTerm(AuxiliaryTerm):
             )
             meta.calls = self.meta_calls
             self._meta = meta
-        x1, x2 = context.crops
+        return meta
+
+    def after_optimizer_step(self, context: StepContext, optimizer: torch.optim.Optimizer) -> None:
+        crops = context.crops
 
         def contrastive(forward: Forward) -> torch.Tensor:
-            return self._contrastive(forward, x1, x2)
+            return self._contrastive([forward(x) for x in crops])
 
+        meta = self._meta_update(context, optimizer)
         meta.step(contrastive, contrastive)
         self.meta_calls = meta.calls
 
@@ -207,3 +162,60 @@ class MetaMaskTerm(AuxiliaryTerm):
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.meta_calls = int(state["meta_calls"])
         self._meta = None
+
+
+@dataclass(frozen=True)
+class MetaMaskFlags(FlagBlock):
+    """The ``metamask`` flag block: MetaMask on a solo-learn method.
+
+    The term adds ``weight * NT-Xent`` of a second (contrastive) head; on solo-learn's
+    ``barlow_twins`` (with ``scale_loss=1`` and ``lamb=0.005``) the total loss is MetaMask's
+    objective ``L_BT + w_cl * NT-Xent``, up to solo-learn's own Barlow Twins normalisation.
+
+    Args:
+        weight: The factor w_cl >= 0 on the contrastive term (10 in MetaMask).
+        temperature: NT-Xent temperature.
+        head_hidden_dim: Hidden width of the contrastive head; its output width is the host
+            projector's.
+        mask_lr: Learning rate of the mask's SGD optimizer.
+        mask_momentum: Momentum of the mask's SGD optimizer, in [0, 1].
+        mask_weight_decay: Weight decay (>= 0) of the mask's SGD optimizer.
+        meta_every: Run the meta step after every ``meta_every``-th optimizer step.
+        meta_mode: ``"finite_difference"`` or ``"exact"`` (see :class:`msr_loss.MetaUpdate`).
+        backend: Similarity backend of NT-Xent, ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: Similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``.
+        gather_distributed: Under DDP, take NT-Xent's negatives from every rank.
+        enabled: Whether the term is on; a block without ``enabled`` is on.
+
+    Examples:
+        >>> MetaMaskFlags.from_block({"weight": 1, "meta_mode": "exact"}).weight
+        1.0
+    """
+
+    term_type = MetaMaskTerm
+    label = "MetaMask"
+    checks: ClassVar[Mapping[str, Check]] = {
+        "weight": partial(check_real, at_least=0),
+        "temperature": lambda name, value: check_temperature(value, name),
+        "head_hidden_dim": partial(check_integer, at_least=1),
+        "mask_lr": positive,
+        "mask_momentum": partial(check_real, at_least=0, at_most=1),
+        "mask_weight_decay": partial(check_real, at_least=0),
+        "meta_every": partial(check_integer, at_least=1),
+        "meta_mode": partial(check_choice, allowed=META_MODES),
+        "backend": partial(check_choice, allowed=BACKENDS),
+        "precision": partial(check_choice, allowed=PRECISIONS),
+    }
+
+    weight: float = 10.0
+    temperature: float = 0.07
+    head_hidden_dim: int = 2048
+    mask_lr: float = 1e-3
+    mask_momentum: float = 0.9
+    mask_weight_decay: float = 5e-4
+    meta_every: int = 1
+    meta_mode: MetaMode = "finite_difference"
+    backend: Backend = "auto"
+    precision: Precision = "auto"
+    gather_distributed: bool = False
+    enabled: bool = True

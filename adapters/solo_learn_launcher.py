@@ -9,6 +9,11 @@ config (a flag without a leading ``+`` is given ``++`` so that it adds or overri
 The script runs as a ``__main__`` module whose spec names this launcher, so that Lightning's
 DDP launcher, which starts the other ranks with ``python -m <__main__.__spec__.name> <argv>``,
 starts them through the launcher too (the checkout is passed on in ``SOLO_LEARN_DIR``).
+
+When the checkout holds a ``solo`` package, that package is the one run, even if another
+solo-learn is installed: the checkout goes first on ``sys.path`` and on ``PYTHONPATH`` (for the
+other ranks and data-loader workers), and a ``solo`` imported earlier from elsewhere is unloaded.
+The launcher prints which ``solo`` it imported and from where.
 """
 
 from __future__ import annotations
@@ -118,6 +123,44 @@ def _registering(parse: Callable[..., Any], hide_flags: bool) -> Any:
     return parse_and_register
 
 
+def _is_inside(path: str | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def use_checkout(solo_dir: Path) -> None:
+    """Makes ``import solo`` load ``solo_dir``'s own package, if it has one.
+
+    ``solo_dir`` goes first on ``sys.path`` and on ``PYTHONPATH`` (read by processes started from
+    this one), and ``solo`` and its submodules are unloaded if they were imported from elsewhere.
+    """
+    package = solo_dir / "solo"
+    if not (package / "__init__.py").is_file():
+        return
+    entry = str(solo_dir)
+    sys.path[:] = [entry, *(p for p in sys.path if p != entry)]
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join([entry, *(p for p in inherited if p and p != entry)])
+    loaded = sys.modules.get("solo")
+    if loaded is not None and not _is_inside(getattr(loaded, "__file__", None), package):
+        for name in [n for n in sys.modules if n == "solo" or n.startswith("solo.")]:
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def describe_solo(solo_dir: Path) -> str:
+    """One line naming the imported ``solo`` package, its location and whose it is."""
+    import solo
+
+    where = Path(solo.__file__ or "?").parent
+    if _is_inside(solo.__file__, solo_dir / "solo"):
+        whose = "the checkout's own package"
+    elif (solo_dir / "solo").is_dir():
+        whose = f"not the checkout's: {solo_dir / 'solo'} is not an importable package"
+    else:
+        whose = f"the installed package; {solo_dir} has no solo/ package"
+    return f"msr-loss: running solo-learn from {where} ({whose})"
+
+
 def install(args: Sequence[str]) -> list[str]:
     """Hooks :func:`register` into solo-learn's config parser; returns the arguments to pass on.
 
@@ -173,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    use_checkout(solo_dir)
     try:
         passed_on = install(rest)
     except ImportError as error:
         print(f"msr-loss solo-pretrain: solo-learn is not importable: {error}", file=sys.stderr)
         return 2
+    print(describe_solo(solo_dir), file=sys.stderr)
     os.environ["SOLO_LEARN_DIR"] = str(solo_dir)
     try:
         run_script(script, passed_on)

@@ -6,19 +6,27 @@ Compared in the same run, at each batch size N, dimension D and number of strata
 - ``msr-torch``: the same loss with the blockwise PyTorch path;
 - ``naive``: ICL-MSR written the straightforward way (an n x 2N x D tensor of modulated positives
   and the full 2N x 2N similarity matrix), and ``naive-compiled``, the same under ``torch.compile``;
-- ``solo-learn`` and ``lightly``: plain NT-Xent, computed by those (installed) packages.
+- ``solo-learn`` and ``lightly``: plain NT-Xent, computed by those (installed) packages;
+- ``gemm-floor``: the compute-bound GEMM rate of the machine, measured as the similarity's row
+  blocks, (512 x D)(D x M) products, in the operand precision of the run. ``floor_ms`` is
+  6 M^2 D FLOPs (M = 2N: one similarity GEMM forward, two backward) at that rate, and
+  ``pct_of_floor`` is ``floor_ms`` over the case's fastest time: how close a case comes to the
+  time its GEMMs alone would need.
 
-Each case runs in a fresh subprocess, ``--rounds`` times in round-robin order so that a change in
-the machine's load hits every implementation alike. Time: the median over the rounds of
-``--repeats`` forward+backward passes, each run after ``--warmup`` passes (CUDA events on a GPU,
-``time.perf_counter`` on CPU). Peak memory above the inputs: on a GPU,
+Each case runs in a fresh subprocess (``--isolation process``; ``none`` runs them all in this
+process, without memory figures), ``--rounds`` times in round-robin order so that a change in the
+machine's load hits every implementation alike. Time: the minimum, median and maximum over the
+rounds' ``--repeats`` forward+backward passes, each run after ``--warmup`` passes (CUDA events on a
+GPU, ``time.perf_counter`` on CPU); ``threads`` is the thread count the case itself ran with.
+``x_solo_learn`` and ``x_lightly`` compare each case with plain NT-Xent as that library computes
+it at the same N and D (median over median): ICL-MSR with n strata against NT-Xent without any.
+Peak memory above the inputs: on a GPU,
 ``torch.cuda.max_memory_allocated``; on CPU (Linux), the resident-set high water mark (``VmHWM``,
 reset through ``/proc/self/clear_refs``) minus the resident set before the measured pass; that
 pass comes after the timed ones, with glibc's mmap threshold then pinned at 64 KiB (``mallopt``)
 and freed memory returned (``malloc_trim``), so that every tensor above 64 KiB is mapped when
 allocated and unmapped when freed, and the high water mark sees each one (the largest over rounds).
-TFLOP/s counts 6 M^2 D with M = 2N (one similarity GEMM forward, two backward), whatever an
-implementation actually does.
+TFLOP/s counts 6 M^2 D, whatever an implementation actually does.
 """
 
 from __future__ import annotations
@@ -42,20 +50,61 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from msr_loss.similarity.precision import resolve_precision
+from msr_loss.types import PRECISIONS
+
 IMPLEMENTATIONS = ("msr-triton", "msr-torch", "naive", "naive-compiled", "solo-learn", "lightly")
+FLOOR = "gemm-floor"
 BASELINES = ("solo-learn", "lightly")
+WITHOUT_STRATA = (*BASELINES, FLOOR)
+FLOOR_ROWS = 512
 COLUMNS = (
+    "device",
+    "cpu_flags",
+    "threads",
+    "dtype",
+    "precision",
+    "tau",
+    "negatives",
     "impl",
     "N",
     "D",
     "n",
+    "passes",
+    "min_ms",
     "median_ms",
+    "max_ms",
+    "floor_ms",
+    "pct_of_floor",
     "peak_mib",
     "peak_in_MxM_fp32",
     "tflops",
     "x_solo_learn",
     "x_lightly",
     "status",
+)
+TABLE_COLUMNS = (
+    "impl",
+    "precision",
+    "N",
+    "D",
+    "n",
+    "threads",
+    "min_ms",
+    "median_ms",
+    "max_ms",
+    "pct_of_floor",
+    "peak_mib",
+    "peak_in_MxM_fp32",
+    "tflops",
+    "x_solo_learn",
+    "x_lightly",
+    "status",
+)
+RATIO_NOTE = (
+    "x_solo_learn, x_lightly: median time over that of plain NT-Xent (no strata) computed by "
+    "solo-learn or lightly at the same N and D; pct_of_floor: 6 M^2 D FLOPs at the gemm-floor "
+    "rate over the fastest pass (M = 2N)."
 )
 CPU_DEFAULTS = {"sizes": [256, 1024, 4096], "dims": [128], "strata": [16], "repeats": 3}
 GPU_DEFAULTS = {
@@ -96,7 +145,13 @@ def make_step(spec: dict, z1: torch.Tensor, z2: torch.Tensor, strata: torch.Tens
 
         backend = "triton" if impl == "msr-triton" else "torch"
         return lambda: interventional_loss(
-            z1, z2, strata, temperature=tau, negatives=negatives, backend=backend
+            z1,
+            z2,
+            strata,
+            temperature=tau,
+            negatives=negatives,
+            backend=backend,
+            precision=spec["precision"],
         )
     if impl == "naive":
         return lambda: naive_icl_msr(z1, z2, strata, tau, negatives)
@@ -113,6 +168,36 @@ def make_step(spec: dict, z1: torch.Tensor, z2: torch.Tensor, strata: torch.Tens
         lightly_loss = NTXentLoss(temperature=tau)
         return lambda: lightly_loss(z1, z2)
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+
+
+def floor_operands(
+    num_images: int, dim: int, precision: str, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (FLOOR_ROWS x D) row block and the (M x D) columns, in the GEMM operand dtype."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    bf16 = resolve_precision(precision, dtype) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    rows = torch.randn(FLOOR_ROWS, dim, generator=gen, device=device).to(dtype)
+    return rows, torch.randn(2 * num_images, dim, generator=gen, device=device).to(dtype)
+
+
+def floor_pass(rows: torch.Tensor, columns: torch.Tensor, precision: str) -> float:
+    """Seconds for the (512 x D)(D x M) products that cover M rows: 2 M^2 D FLOPs in all."""
+    blocks = max(1, columns.shape[0] // rows.shape[0])
+    out = rows.new_empty(rows.shape[0], columns.shape[0])
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        if rows.is_cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(blocks):
+            torch.mm(rows, columns.T, out=out)
+        if rows.is_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - began) * columns.shape[0] / (blocks * rows.shape[0])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _proc_kib(field: str) -> int:
@@ -159,12 +244,20 @@ def _peak_bytes(step: Step, inputs: Sequence[torch.Tensor], device: torch.device
         return math.nan
 
 
-def run_case(spec: dict) -> dict:
+def run_case(spec: dict, measure_memory: bool = True) -> dict:
     """Times and measures one case in this process; returns the measurements."""
     warnings.filterwarnings("ignore")
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    threads = torch.get_num_threads()
+    if spec["impl"] == FLOOR:
+        precision = resolve_precision(spec["precision"], getattr(torch, spec["dtype"]))
+        rows, columns = floor_operands(spec["N"], spec["D"], precision, torch.float32, device)
+        for _ in range(spec["warmup"]):
+            floor_pass(rows, columns, precision)
+        times = [3 * floor_pass(rows, columns, precision) for _ in range(spec["repeats"])]
+        return {"times_s": times, "peak_bytes": math.nan, "threads": threads}
     dtype = getattr(torch, spec["dtype"])
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (spec["N"], spec["D"])
@@ -175,8 +268,8 @@ def run_case(spec: dict) -> dict:
     for _ in range(spec["warmup"]):
         _timed_pass(step, (z1, z2), device)
     times = [_timed_pass(step, (z1, z2), device) for _ in range(spec["repeats"])]
-    peak = _peak_bytes(step, (z1, z2), device)
-    return {"times_s": times, "peak_bytes": peak}
+    peak = _peak_bytes(step, (z1, z2), device) if measure_memory else math.nan
+    return {"times_s": times, "peak_bytes": peak, "threads": threads}
 
 
 def _run_in_subprocess(spec: dict, timeout: float) -> dict:
@@ -193,6 +286,19 @@ def _run_in_subprocess(spec: dict, timeout: float) -> dict:
     return {**json.loads(lines[-1]), "status": "ok"}
 
 
+def _run_here(spec: dict, device: torch.device) -> dict:
+    """``run_case`` in this process; memory only on a GPU, where the allocator reports it."""
+    try:
+        return {**run_case(spec, measure_memory=device.type == "cuda"), "status": "ok"}
+    except torch.OutOfMemoryError:
+        return {"status": "failed: out of memory"}
+    except Exception as error:
+        return {"status": f"failed: {type(error).__name__}: {error}".splitlines()[0]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def device_name(device: torch.device) -> str:
     """A readable name of the CPU or GPU the benchmark runs on."""
     if device.type == "cuda":
@@ -201,8 +307,27 @@ def device_name(device: torch.device) -> str:
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "CPU"
+
+
+def cpu_flags() -> str:
+    """The CPU's matrix and vector units that decide GEMM speed: AMX, AVX-512, AVX-512 BF16.
+
+    Examples:
+        >>> cpu_flags().startswith(("amx", "no-amx"))
+        True
+    """
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    amx = "amx" if {"amx_tile", "amx_bf16"} <= flags else "no-amx"
+    vector: list[str] = [flag for flag in ("avx512f", "avx512_bf16") if flag in flags]
+    return " ".join([amx, *(vector or ["no-avx512"])])
 
 
 def _available(impl: str, device: torch.device) -> str | None:
@@ -231,31 +356,59 @@ def _cases(args: argparse.Namespace) -> list[dict]:
     cases = []
     for size in args.sizes:
         for dim in args.dims:
-            for impl in args.impls:
-                for strata in [args.strata[0]] if impl in BASELINES else args.strata:
-                    cases.append({**common, "impl": impl, "N": size, "D": dim, "n": strata})
+            for precision in args.precision:
+                at = {**common, "N": size, "D": dim, "precision": precision}
+                for impl in (FLOOR, *args.impls):
+                    if (
+                        impl not in ("msr-torch", "msr-triton", FLOOR)
+                        and precision != args.precision[0]
+                    ):
+                        continue
+                    for strata in [args.strata[0]] if impl in WITHOUT_STRATA else args.strata:
+                        cases.append({**at, "impl": impl, "n": strata})
     return cases
 
 
-def _row(spec: dict, result: dict) -> dict:
+def _row(spec: dict, result: dict, machine: dict) -> dict:
     matrix_bytes = 4.0 * (2 * spec["N"]) ** 2
-    seconds = statistics.median(result["times_s"]) if "times_s" in result else math.nan
+    times = result.get("times_s", [])
+    fastest, median, slowest = (
+        (min(times), statistics.median(times), max(times)) if times else (math.nan,) * 3
+    )
     peak = result.get("peak_bytes", math.nan)
     flops = 6.0 * (2 * spec["N"]) ** 2 * spec["D"]
+    precision = spec["precision"] if spec["impl"] in ("msr-torch", "msr-triton", FLOOR) else "-"
     return {
+        **machine,
+        "threads": result.get("threads", "-"),
+        "dtype": spec["dtype"],
+        "precision": precision,
+        "tau": spec["temperature"],
+        "negatives": spec["negatives"],
         "impl": spec["impl"],
         "N": spec["N"],
         "D": spec["D"],
-        "n": "-" if spec["impl"] in BASELINES else spec["n"],
-        "median_ms": seconds * 1e3,
+        "n": "-" if spec["impl"] in WITHOUT_STRATA else spec["n"],
+        "passes": len(times),
+        "min_ms": fastest * 1e3,
+        "median_ms": median * 1e3,
+        "max_ms": slowest * 1e3,
         "peak_mib": peak / 2**20,
         "peak_in_MxM_fp32": peak / matrix_bytes,
-        "tflops": flops / seconds / 1e12,
+        "tflops": flops / median / 1e12,
         "status": result["status"],
     }
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """Fills ``floor_ms``, ``pct_of_floor`` and the ratios to the NT-Xent baselines."""
+    floors = {(r["N"], r["D"], r["precision"]): r["min_ms"] for r in rows if r["impl"] == FLOOR}
+    first_floor = {(r["N"], r["D"]): r["min_ms"] for r in reversed(rows) if r["impl"] == FLOOR}
+    for row in rows:
+        key = (row["N"], row["D"])
+        floor = floors.get((*key, row["precision"]), first_floor.get(key, math.nan))
+        row["floor_ms"] = floor
+        row["pct_of_floor"] = 100.0 * floor / row["min_ms"]
     for baseline, column in (("solo-learn", "x_solo_learn"), ("lightly", "x_lightly")):
         reference = {(r["N"], r["D"]): r["median_ms"] for r in rows if r["impl"] == baseline}
         for row in rows:
@@ -268,45 +421,78 @@ def _format(value: object) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table with the columns of ``COLUMNS``."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_format(row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+def markdown_table(rows: list[dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The rows as a Markdown table, followed by what its ratio columns compare.
+
+    Examples:
+        >>> row = {c: 1.0 for c in TABLE_COLUMNS}
+        >>> print(markdown_table([row], ["impl", "N"]).splitlines()[2])
+        | 1 | 1 |
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_format(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join([*lines, "", RATIO_NOTE])
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Median time and peak memory against N, one line per implementation (first D and n)."""
+    """Median time and peak memory against N: one row of panels per D, one line per impl and n.
+
+    The legend sits to the right of the panels, so that it covers no point.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    first_d = rows[0]["D"]
-    strata = [r["n"] for r in rows if r["n"] != "-"]
-    for impl in dict.fromkeys(r["impl"] for r in rows if r["status"] == "ok"):
-        chosen = [
-            r
-            for r in rows
-            if r["impl"] == impl
-            and r["D"] == first_d
-            and r["n"] in ("-", strata[0] if strata else "-")
-        ]
-        sizes = [r["N"] for r in chosen]
-        axes[0].plot(sizes, [r["median_ms"] for r in chosen], marker="o", label=impl)
-        axes[1].plot(sizes, [r["peak_mib"] for r in chosen], marker="o", label=impl)
-    for axis, label in zip(axes, ("forward+backward, median ms", "peak memory, MiB"), strict=True):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("batch size N")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
-    figure.suptitle(f"loss forward+backward, D = {first_d}")
+    measured = [r for r in rows if r["status"] == "ok" and r["impl"] != FLOOR]
+    dims = sorted({r["D"] for r in measured}) or [0]
+    figure, axes = plt.subplots(len(dims), 2, figsize=(12, 3.6 * len(dims)), squeeze=False)
+    lines = dict.fromkeys((r["impl"], r["n"], r["precision"]) for r in measured)
+    for (impl, strata, precision), style in zip(lines, _styles(len(lines)), strict=True):
+        label = impl + ("" if strata == "-" else f", n={strata}")
+        label += "" if precision == "-" else f", {precision}"
+        for panel, dim in zip(axes, dims, strict=True):
+            chosen = [
+                r
+                for r in measured
+                if (r["impl"], r["n"], r["precision"]) == (impl, strata, precision)
+                and r["D"] == dim
+            ]
+            if not chosen:
+                continue
+            sizes = [r["N"] for r in chosen]
+            panel[0].plot(sizes, [r["median_ms"] for r in chosen], label=label, **style)
+            panel[1].plot(sizes, [r["peak_mib"] for r in chosen], label=label, **style)
+    for panel, dim in zip(axes, dims, strict=True):
+        for axis, what in zip(
+            panel, ("forward+backward, median ms", "peak memory, MiB"), strict=True
+        ):
+            axis.set_xscale("log", base=2)
+            if any(value > 0 for line in axis.get_lines() for value in line.get_ydata()):
+                axis.set_yscale("log")
+            else:
+                axis.text(0.5, 0.5, "not measured", ha="center", transform=axis.transAxes)
+            axis.set_xlabel("batch size N")
+            axis.set_ylabel(what)
+            axis.set_title(f"D = {dim}")
+            axis.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for panel in axes[1:]:
+        more = panel[0].get_legend_handles_labels()
+        for handle, label in zip(*more, strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    figure.suptitle("loss forward+backward")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+def _styles(count: int) -> list[dict]:
+    markers = "osD^v<>ph*"
+    return [{"marker": markers[i % len(markers)], "color": f"C{i % 10}"} for i in range(count)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -324,13 +510,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--negatives", choices=("all", "cross_view"), default="all")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=["auto"],
+        help="GEMM precisions of the msr-* cases (the others run once, at the first)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, help="timed passes per case and round")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="passes over all cases, interleaved in time"
+        "--rounds", type=int, default=3, help="passes over all cases, interleaved in time"
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=("process", "none"),
+        default="process",
+        help="a fresh subprocess per case and round (memory measured), or all in this process",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    parser.add_argument(
+        "--budget", type=float, default=math.inf, help="seconds; later cases are then skipped"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     return parser
@@ -352,44 +554,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    from tqdm import tqdm
-
+    if args.rounds < 1:
+        raise SystemExit("msr-loss bench: --rounds must be at least 1")
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     device = torch.device(args.device)
     cases = _cases(args)
+    results = run_rounds(cases, args, device)
+    machine = {"device": device_name(device), "cpu_flags": cpu_flags()}
+    rows = [_row(spec, result, machine) for spec, result in zip(cases, results, strict=True)]
+    add_ratios(rows)
+    write_outputs(rows, args.out_dir)
+    threads = sorted({str(r["threads"]) for r in rows if r["status"] == "ok"})
+    print(f"device: {machine['device']} ({machine['cpu_flags']}); torch {torch.__version__}")
+    print(
+        f"cases ran with {'/'.join(threads) or '-'} threads; dtype {args.dtype}, "
+        f"tau {args.temperature}, negatives {args.negatives!r}; min/median/max over "
+        f"{args.rounds} rounds x {args.repeats} passes, each after {args.warmup} warm-up"
+    )
+    print(markdown_table(rows))
+    print(f"wrote loss_kernel.csv, loss_kernel.md and loss_kernel.png in {args.out_dir}")
+    return 0
+
+
+def run_rounds(cases: list[dict], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Runs every case ``args.rounds`` times, round-robin; merges each case's passes."""
+    from tqdm import tqdm
+
     results: list[dict] = [{} for _ in cases]
+    began = time.perf_counter()
     progress = tqdm(total=len(cases) * args.rounds, desc="msr-loss bench", unit="case")
     for _ in range(args.rounds):
         for spec, result in zip(cases, results, strict=True):
             skipped = _available(spec["impl"], device)
-            latest = {"status": skipped} if skipped else _run_in_subprocess(spec, args.timeout)
+            if time.perf_counter() - began > args.budget:
+                skipped = skipped or f"skipped: over the {args.budget:.0f} s budget"
+            if skipped:
+                latest = {"status": result.get("status", skipped)}
+            elif args.isolation == "none":
+                latest = _run_here(spec, device)
+            else:
+                latest = _run_in_subprocess(spec, args.timeout)
             if "times_s" in latest:
                 latest["times_s"] = result.get("times_s", []) + latest["times_s"]
-                latest["peak_bytes"] = max(latest["peak_bytes"], result.get("peak_bytes", 0.0))
+                latest["peak_bytes"] = max(
+                    latest["peak_bytes"], result.get("peak_bytes", -math.inf)
+                )
             result.update(latest)
             progress.update()
     progress.close()
-    rows = [_row(spec, result) for spec, result in zip(cases, results, strict=True)]
-    _add_ratios(rows)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "loss_kernel.csv", "w", newline="") as handle:
+    return results
+
+
+def write_outputs(rows: list[dict], out_dir: Path) -> None:
+    """Writes ``loss_kernel.csv`` (every column), ``loss_kernel.md`` and ``loss_kernel.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "loss_kernel.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out_dir / "loss_kernel.png")
-    threads = args.threads or torch.get_num_threads()
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {threads} threads")
-    print(f"dtype {args.dtype}, tau {args.temperature}, negatives {args.negatives!r}; ", end="")
-    print(
-        f"median of {args.rounds} x {args.repeats} passes, each case after {args.warmup} ", end=""
-    )
-    print("warm-up; M = 2N, TFLOP/s = 6 M^2 D / t")
-    print(markdown_table(rows))
-    print(f"wrote {args.out_dir / 'loss_kernel.csv'} and {args.out_dir / 'loss_kernel.png'}")
-    return 0
+    (out_dir / "loss_kernel.md").write_text(markdown_table(rows) + "\n")
+    plot(rows, out_dir / "loss_kernel.png")
 
 
 if __name__ == "__main__":

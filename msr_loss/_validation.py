@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -195,9 +196,12 @@ def without_autocast(loss: _Loss) -> _Loss:
     """Runs ``loss`` with autocast off on the device of its first tensor argument.
 
     The losses choose their own compute dtype (:func:`compute_dtype`); inside a ``torch.autocast``
-    region their matmuls would otherwise drop back to half precision. Tensors on the ``meta``
-    device (no autocast there) go straight to the loss, whose checks reject them by name.
+    region their matmuls would otherwise drop back to half precision. A loss with a keyword-only
+    ``precision`` argument learns that autocast was on: ``precision="auto"`` (given or by default)
+    reaches it as ``"bf16"``, the similarity GEMMs' precision under autocast. Tensors on the
+    ``meta`` device (no autocast there) go straight to the loss, whose checks reject them by name.
     """
+    takes_precision = "precision" in inspect.signature(loss).parameters
 
     @functools.wraps(loss)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -205,6 +209,9 @@ def without_autocast(loss: _Loss) -> _Loss:
         device = tensors[0].device.type if tensors else "cpu"
         if device == "meta":
             return loss(*args, **kwargs)
+        auto = takes_precision and kwargs.get("precision", "auto") == "auto"
+        if auto and torch.is_autocast_enabled(device):
+            kwargs["precision"] = "bf16"
         with torch.autocast(device_type=device, enabled=False):
             return loss(*args, **kwargs)
 

@@ -8,6 +8,7 @@ as modules.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,16 @@ from msr_loss._validation import (
     compute_dtype,
     without_autocast,
 )
+from msr_loss.multiview import (
+    check_all_views,
+    more_views_given,
+    multiview_info_nce,
+    multiview_interventional,
+)
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
-from msr_loss.types import Backend, NegativeSet, Reduction
+from msr_loss.similarity.precision import GemmPrecision, gemm_operand, resolve_precision
+from msr_loss.types import Backend, NegativeSet, Precision, Reduction
 
 
 def _reduce(per_anchor: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -91,9 +99,10 @@ def _negatives_lse(
     backend: Backend,
     extra_logits: torch.Tensor | None,
     gather_distributed: bool,
+    precision: GemmPrecision,
 ) -> torch.Tensor:
     lse_fn = gathered_negative_logsumexp if gather_distributed else negative_logsumexp
-    lse = lse_fn(anchors, num_images, temperature, negatives, backend)
+    lse = lse_fn(anchors, num_images, temperature, negatives, backend, precision)
     if extra_logits is None:
         return lse
     return torch.logaddexp(lse, torch.logsumexp(extra_logits.to(anchors.dtype), dim=1))
@@ -124,6 +133,8 @@ def interventional_loss(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """The ICL-MSR interventional contrastive loss (backdoor adjustment over n strata).
 
@@ -132,6 +143,13 @@ def interventional_loss(
     logits of the negatives. The loss is ``-log P`` averaged over both views of every image,
     computed in the log domain, in float32 for half-precision inputs.
 
+    With ``more_views`` (multi-crop: V = 2 + len(more_views) views of each image) every view is
+    an anchor and each other view of its image a positive in turn; the term above is taken for
+    every (anchor, positive) pair, with the negatives of the other images in the positive's view
+    (``"cross_view"``) or in every view (``"all"``), and averaged over the anchor's V - 1 pairs.
+    The negatives are composed from two-view blocks (:mod:`msr_loss.similarity.views`), so memory
+    stays O(V N D) plus one two-view block; for V = 2 this is exactly the loss without it.
+
     Args:
         z1: (N, D) projections of the first view.
         z2: (N, D) projections of the second view.
@@ -139,14 +157,23 @@ def interventional_loss(
         temperature: Softmax temperature, > 0.
         negatives: ``"cross_view"`` (the paper's N-1 negatives from the other view) or ``"all"``
             (the 2N-2 views of the other images, as in NT-Xent).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (2N,) tensor, view 1 anchors first).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (V N,) tensor, one value per anchor,
+            the mean over its positives: view 1's N anchors first, then view 2's, then
+            ``more_views`` in order).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the negatives' similarity.
-        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor (rows in
-            the order view 1, view 2), already divided by the temperature; they join every
-            anchor's negatives (see :mod:`msr_loss.negatives`).
+        extra_negative_logits: Optional (V N, K) logits of further negatives per anchor (rows in
+            the order of ``reduction="none"``), already divided by the temperature; they join
+            every anchor's negatives, for each of its positives (see :mod:`msr_loss.negatives`).
         gather_distributed: Take the negatives from the views of every rank of the initialised
             process group, with gradients (see :mod:`msr_loss.distributed`); the anchors, the
-            reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N.
+            reduction and ``extra_negative_logits`` stay this rank's. Every rank needs the same N
+            and the same number of views.
+        precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``: the operands' precision in the
+            similarity GEMMs, accumulated in float32 (see the README's performance section);
+            ``"auto"`` is ``"bf16"`` for half-precision inputs or under autocast and otherwise
+            follows ``torch.get_float32_matmul_precision()``.
+        more_views: Further (N, D) views of the same N images (e.g. small crops), each of the
+            shape of ``z1``; empty by default.
 
     Returns:
         The loss, in float64 if any tensor input is float64 and float32 otherwise.
@@ -159,8 +186,26 @@ def interventional_loss(
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
     gather_distributed = check_flag("gather_distributed", gather_distributed)
+    if more_views_given(more_views):
+        views = check_all_views(z1, z2, more_views)
+        strata = check_strata(strata, z1.shape[1], z1.device)
+        gemm = resolve_precision(precision, z1.dtype)
+        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+        dtype = compute_dtype(*[t.dtype for t in (*views, strata, extra) if t is not None])
+        per_anchor = multiview_interventional(
+            [unit_rows(view, dtype) for view in views],
+            scale_rows(strata.to(dtype)),
+            temperature,
+            negatives,
+            backend,
+            extra,
+            gather_distributed,
+            gemm,
+        )
+        return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
     strata = check_strata(strata, z1.shape[1], z1.device)
+    gemm = resolve_precision(precision, z1.dtype)
     extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
     dtype = compute_dtype(*[t.dtype for t in (z1, z2, strata, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
@@ -168,7 +213,7 @@ def interventional_loss(
         anchors, positives, scale_rows(strata.to(dtype)), temperature
     )
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
     per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
@@ -186,19 +231,27 @@ def info_nce(
     backend: Backend = "auto",
     extra_negative_logits: torch.Tensor | None = None,
     gather_distributed: bool = False,
+    precision: Precision = "auto",
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view is an anchor, the other view of its image the positive.
+
+    With ``more_views`` each other view of the image is a positive in turn, as in
+    :func:`interventional_loss`.
 
     Args:
         z1: (N, D) projections of the first view.
         z2: (N, D) projections of the second view.
         temperature: Softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"`` (then this is NT-Xent).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a (V N,) tensor, as in
+            :func:`interventional_loss`).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        extra_negative_logits: Optional (2N, K) logits of further negatives per anchor, already
+        extra_negative_logits: Optional (V N, K) logits of further negatives per anchor, already
             divided by the temperature.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
+        more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 if any tensor input is float64 and float32 otherwise.
@@ -209,13 +262,29 @@ def info_nce(
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
     gather_distributed = check_flag("gather_distributed", gather_distributed)
+    if more_views_given(more_views):
+        views = check_all_views(z1, z2, more_views)
+        gemm = resolve_precision(precision, z1.dtype)
+        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+        dtype = compute_dtype(*[t.dtype for t in (*views, extra) if t is not None])
+        per_anchor = multiview_info_nce(
+            [unit_rows(view, dtype) for view in views],
+            temperature,
+            negatives,
+            backend,
+            extra,
+            gather_distributed,
+            gemm,
+        )
+        return _reduce(per_anchor, reduction)
     z1, z2 = check_views(z1, z2)
+    gemm = resolve_precision(precision, z1.dtype)
     extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
     dtype = compute_dtype(*[t.dtype for t in (z1, z2, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(
-        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed
+        anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
     log_p = positive_logits - torch.logaddexp(positive_logits, lse)
     return _reduce(-log_p, reduction)
@@ -229,8 +298,12 @@ def nt_xent(
     reduction: Reduction = "mean",
     backend: Backend = "auto",
     gather_distributed: bool = False,
+    precision: Precision = "auto",
+    more_views: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """NT-Xent (SimCLR): InfoNCE with the 2N-2 views of the other images as negatives.
+
+    With ``more_views`` (V views), the (V - 1) N views of the other images.
 
     Args:
         z1: (N, D) projections of the first view.
@@ -239,6 +312,8 @@ def nt_xent(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`interventional_loss`).
+        precision: The similarity GEMMs' precision (see :func:`interventional_loss`).
+        more_views: Further (N, D) views of the same images (see :func:`interventional_loss`).
 
     Returns:
         The loss, in float64 if any tensor input is float64 and float32 otherwise.
@@ -254,6 +329,8 @@ def nt_xent(
         reduction=reduction,
         backend=backend,
         gather_distributed=gather_distributed,
+        precision=precision,
+        more_views=more_views,
     )
 
 
@@ -264,6 +341,7 @@ def non_semantic_logits(
     *,
     temperature: float,
     alpha: float = 2.0,
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """``alpha * cos(q_i, t_ik) / temperature``: each query against its own negatives only.
 
@@ -276,6 +354,7 @@ def non_semantic_logits(
             non-semantic negatives.
         temperature: The temperature of the loss they join, > 0.
         alpha: The scale on the similarity (2 in the paper, 3 also reported), > 0.
+        precision: The products' operand precision (see :func:`interventional_loss`).
 
     Returns:
         (M, K) logits (K = 1 for (M, D) ``negative_embeddings``), in float64 if either input
@@ -290,6 +369,7 @@ def non_semantic_logits(
     temperature = check_temperature(temperature)
     alpha = check_real("alpha", alpha, above=0)
     queries = check_floating("queries", queries)
+    gemm = resolve_precision(precision, queries.dtype)
     embeddings = check_floating("negative_embeddings", negative_embeddings)
     if queries.dim() != 2:
         raise ValueError(f"queries must have shape (M, D), got {tuple(queries.shape)}")
@@ -311,8 +391,8 @@ def non_semantic_logits(
     check_finite("queries", queries)
     check_finite("negative_embeddings", embeddings)
     dtype = compute_dtype(queries.dtype, embeddings.dtype)
-    q = unit_rows(queries, dtype)
-    t = unit_rows(grouped, dtype)
+    q = gemm_operand(unit_rows(queries, dtype), gemm)
+    t = gemm_operand(unit_rows(grouped, dtype), gemm)
     return alpha * torch.einsum("md,mkd->mk", q, t) / temperature
 
 

@@ -13,10 +13,13 @@ Each module checks its settings when it is built and computes exactly its functi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from msr_loss._validation import (
+    check_choice,
     check_flag,
     check_floating,
     check_loss_choices,
@@ -25,7 +28,7 @@ from msr_loss._validation import (
     check_views,
 )
 from msr_loss.functional import info_nce, interventional_loss, non_semantic_logits, nt_xent
-from msr_loss.types import Backend, NegativeSet, Reduction
+from msr_loss.types import PRECISIONS, Backend, NegativeSet, Precision, Reduction
 
 
 class _ContrastiveLoss(nn.Module):
@@ -38,9 +41,11 @@ class _ContrastiveLoss(nn.Module):
         reduction: Reduction,
         backend: Backend,
         gather_distributed: bool,
+        precision: Precision,
     ) -> None:
         super().__init__()
         check_loss_choices(negatives, reduction, backend)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.temperature = check_temperature(temperature)
         self.negatives: NegativeSet = negatives
         self.reduction: Reduction = reduction
@@ -50,7 +55,8 @@ class _ContrastiveLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, negatives={self.negatives!r}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, "
+            f"precision={self.precision!r}"
         )
 
 
@@ -64,6 +70,8 @@ class NTXentLoss(_ContrastiveLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`msr_loss.nt_xent`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = NTXentLoss(temperature=0.5)
@@ -77,11 +85,17 @@ class NTXentLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, "all", reduction, backend, gather_distributed)
+        super().__init__(temperature, "all", reduction, backend, gather_distributed, precision)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """The loss of the (N, D) projections ``z1`` and ``z2`` of two views of N images."""
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, *, more_views: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """The loss of the (N, D) projections ``z1`` and ``z2`` of two views of N images.
+
+        ``more_views`` are further (N, D) views of the same images (see :func:`msr_loss.nt_xent`).
+        """
         return nt_xent(
             z1,
             z2,
@@ -89,6 +103,8 @@ class NTXentLoss(_ContrastiveLoss):
             reduction=self.reduction,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
+            more_views=more_views,
         )
 
 
@@ -101,6 +117,8 @@ class InfoNCELoss(_ContrastiveLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see :func:`msr_loss.info_nce`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = InfoNCELoss(temperature=0.1)
@@ -115,16 +133,22 @@ class InfoNCELoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
 
     def forward(
         self,
         z1: torch.Tensor,
         z2: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """The loss of ``z1`` and ``z2`` ((N, D) each), with optional (2N, K) extra negatives."""
+        """The loss of ``z1`` and ``z2`` ((N, D) each), with optional (V N, K) extra negatives.
+
+        ``more_views`` are further (N, D) views of the same images (see :func:`msr_loss.info_nce`).
+        """
         return info_nce(
             z1,
             z2,
@@ -134,6 +158,8 @@ class InfoNCELoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
+            more_views=more_views,
         )
 
 
@@ -150,6 +176,8 @@ class InterventionalLoss(_ContrastiveLoss):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Take the negatives from every rank (see
             :func:`msr_loss.interventional_loss`).
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = InterventionalLoss(temperature=0.2)
@@ -164,8 +192,9 @@ class InterventionalLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
 
     def forward(
         self,
@@ -173,8 +202,14 @@ class InterventionalLoss(_ContrastiveLoss):
         z2: torch.Tensor,
         strata: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """The loss of ``z1`` and ``z2`` ((N, D) each) over the (n, D) ``strata``."""
+        """The loss of ``z1`` and ``z2`` ((N, D) each) over the (n, D) ``strata``.
+
+        ``more_views`` are further (N, D) views of the same images (see
+        :func:`msr_loss.interventional_loss`).
+        """
         return interventional_loss(
             z1,
             z2,
@@ -185,6 +220,8 @@ class InterventionalLoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra_negative_logits,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
+            more_views=more_views,
         )
 
 
@@ -211,6 +248,8 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         gather_distributed: Gather the in-batch negatives from every rank (see
             :func:`msr_loss.info_nce`); each anchor keeps only its own non-semantic negatives.
+        precision: The similarity GEMMs' precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = NonSemanticContrastiveLoss(temperature=0.2, negatives="all")
@@ -227,8 +266,9 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
         reduction: Reduction = "mean",
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
-        super().__init__(temperature, negatives, reduction, backend, gather_distributed)
+        super().__init__(temperature, negatives, reduction, backend, gather_distributed, precision)
         self.alpha = check_real("alpha", alpha, above=0)
 
     def forward(
@@ -258,7 +298,11 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
                 f"t1 and t2 must have the same shape, got {tuple(t1.shape)} and {tuple(t2.shape)}"
             )
         extra = non_semantic_logits(
-            torch.cat([z1, z2]), torch.cat([t1, t2]), temperature=self.temperature, alpha=self.alpha
+            torch.cat([z1, z2]),
+            torch.cat([t1, t2]),
+            temperature=self.temperature,
+            alpha=self.alpha,
+            precision=self.precision,
         )
         if strata is None:
             return info_nce(
@@ -270,6 +314,7 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
                 backend=self.backend,
                 extra_negative_logits=extra,
                 gather_distributed=self.gather_distributed,
+                precision=self.precision,
             )
         return interventional_loss(
             z1,
@@ -281,6 +326,7 @@ class NonSemanticContrastiveLoss(_ContrastiveLoss):
             backend=self.backend,
             extra_negative_logits=extra,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
         )
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ from msr_loss._validation import (
 )
 from msr_loss.functional import barlow_twins, nt_xent
 from msr_loss.meta import MetaUpdate
-from msr_loss.types import BACKENDS, Backend, MetaMode
+from msr_loss.types import BACKENDS, PRECISIONS, Backend, MetaMode, Precision
 
 
 class DimensionalMask(nn.Module):
@@ -111,6 +111,8 @@ class MetaMaskLoss(nn.Module):
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for NT-Xent's similarity.
         gather_distributed: Gather NT-Xent's negatives from every rank. Barlow Twins keeps each
             rank's own batch statistics.
+        precision: NT-Xent's similarity GEMM precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> criterion = MetaMaskLoss()
@@ -126,6 +128,7 @@ class MetaMaskLoss(nn.Module):
         contrastive_weight: float = 10.0,
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
         super().__init__()
         self.off_diagonal_weight = check_real(
@@ -135,6 +138,7 @@ class MetaMaskLoss(nn.Module):
         self.contrastive_weight = check_real("contrastive_weight", contrastive_weight)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.precision = check_choice("precision", precision, PRECISIONS)
 
     def contrastive(self, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
         """NT-Xent of the contrastive head's projections (the meta objective)."""
@@ -144,6 +148,7 @@ class MetaMaskLoss(nn.Module):
             temperature=self.temperature,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
+            precision=self.precision,
         )
 
     def forward(
@@ -156,7 +161,7 @@ class MetaMaskLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"off_diagonal_weight={self.off_diagonal_weight}, temperature={self.temperature}, "
-            f"contrastive_weight={self.contrastive_weight}"
+            f"contrastive_weight={self.contrastive_weight}, precision={self.precision!r}"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ from msr_loss._validation import (
     check_temperature,
 )
 from msr_loss.functional import interventional_loss
-from msr_loss.types import BACKENDS, NEGATIVE_SETS, Backend, NegativeSet
+from msr_loss.types import BACKENDS, NEGATIVE_SETS, PRECISIONS, Backend, NegativeSet, Precision
 
 
 class MetaSemanticRegularizer(nn.Module):
@@ -34,6 +36,8 @@ class MetaSemanticRegularizer(nn.Module):
         gather_distributed: Take the negatives from every rank of the initialised process group
             (see :func:`msr_loss.interventional_loss`); the strata must be the same on every rank,
             which :class:`msr_loss.MetaUpdate` keeps true.
+        precision: The similarity GEMMs' precision, ``"auto"``, ``"fp32"``, ``"tf32"`` or
+            ``"bf16"`` (see :func:`msr_loss.interventional_loss`).
 
     Examples:
         >>> msr = MetaSemanticRegularizer(dim=128, num_strata=16, temperature=0.2)
@@ -54,6 +58,7 @@ class MetaSemanticRegularizer(nn.Module):
         init_std: float = 1.0,
         backend: Backend = "auto",
         gather_distributed: bool = False,
+        precision: Precision = "auto",
     ) -> None:
         super().__init__()
         dim = check_integer("dim", dim, at_least=1)
@@ -64,6 +69,7 @@ class MetaSemanticRegularizer(nn.Module):
         self.weight = check_real("weight", weight)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.logits = nn.Parameter(torch.randn(num_strata, dim) * init_std)
 
     @property
@@ -76,11 +82,14 @@ class MetaSemanticRegularizer(nn.Module):
         z1: torch.Tensor,
         z2: torch.Tensor,
         extra_negative_logits: torch.Tensor | None = None,
+        *,
+        more_views: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """Returns ``weight * interventional_loss(z1, z2, strata)``.
+        """Returns ``weight * interventional_loss(z1, z2, strata, more_views=more_views)``.
 
-        ``extra_negative_logits`` ((2N, K), e.g. from :func:`msr_loss.non_semantic_logits`)
-        join every anchor's negatives.
+        ``extra_negative_logits`` ((V N, K), e.g. from :func:`msr_loss.non_semantic_logits`)
+        join every anchor's negatives; ``more_views`` are further (N, D) views of the same
+        images (multi-crop, see :func:`msr_loss.interventional_loss`).
         """
         loss = interventional_loss(
             z1,
@@ -91,6 +100,8 @@ class MetaSemanticRegularizer(nn.Module):
             backend=self.backend,
             gather_distributed=self.gather_distributed,
             extra_negative_logits=extra_negative_logits,
+            precision=self.precision,
+            more_views=more_views,
         )
         return self.weight * loss
 
@@ -98,5 +109,5 @@ class MetaSemanticRegularizer(nn.Module):
         num_strata, dim = self.logits.shape
         return (
             f"dim={dim}, num_strata={num_strata}, temperature={self.temperature}, "
-            f"weight={self.weight}, negatives={self.negatives!r}"
+            f"weight={self.weight}, negatives={self.negatives!r}, precision={self.precision!r}"
         )

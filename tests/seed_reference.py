@@ -33,3 +33,40 @@ def seed_interventional_loss(
                 prob = prob + pos / (pos + neg) / num_strata
             terms.append(-torch.log(prob))
     return torch.stack(terms).mean()
+
+
+def seed_multiview_interventional_loss(
+    views: list[torch.Tensor],
+    strata: torch.Tensor,
+    temperature: float,
+    negatives: str,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Issue 12's V-view form, term by term, as a (V N,) tensor per anchor, view 1 first.
+
+    Anchor view j of image i, each other view p of image i the positive in turn (the SPEC 1 term
+    per pair, averaged over the V - 1 pairs); negatives: the other images' views in view p
+    ("cross_view") or in every view ("all"), plus exp(extra[row]) for the anchor's row.
+    """
+    num_views, batch, num_strata = len(views), views[0].shape[0], strata.shape[0]
+    per_anchor = []
+    for j in range(num_views):
+        for i in range(batch):
+            anchor, pair_terms = views[j][i], []
+            for p in range(num_views):
+                if p == j:
+                    continue
+                neg = torch.zeros((), dtype=anchor.dtype)
+                if extra is not None:
+                    neg = neg + torch.exp(extra[j * batch + i]).sum()
+                for k in range(batch):
+                    for view in range(num_views):
+                        if k != i and (negatives == "all" or view == p):
+                            neg = neg + torch.exp(cosine(anchor, views[view][k]) / temperature)
+                prob = torch.zeros((), dtype=anchor.dtype)
+                for t in range(num_strata):
+                    pos = torch.exp(cosine(anchor, strata[t] * views[p][i]) / temperature)
+                    prob = prob + pos / (pos + neg) / num_strata
+                pair_terms.append(-torch.log(prob))
+            per_anchor.append(torch.stack(pair_terms).mean())
+    return torch.stack(per_anchor)

@@ -39,6 +39,13 @@ TAU = 0.3
 META_MODES = ("finite_difference", "exact")
 
 LossCase = Callable[..., torch.Tensor]
+
+
+def third_view(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """A further view made row by row from the first two, so every rank can make its own rows."""
+    return z1.roll(1, dims=1) - 0.5 * z2
+
+
 CASES: dict[str, LossCase] = {
     "icl_cross_view": lambda z1, z2, w, extra, g: interventional_loss(
         z1, z2, torch.sigmoid(w), temperature=TAU, gather_distributed=g
@@ -73,6 +80,30 @@ CASES: dict[str, LossCase] = {
         z1, z2, temperature=TAU, negatives="all", gather_distributed=g
     ),
     "nt_xent": lambda z1, z2, w, extra, g: nt_xent(z1, z2, temperature=TAU, gather_distributed=g),
+    "icl_three_views_cross_view": lambda z1, z2, w, extra, g: interventional_loss(
+        z1,
+        z2,
+        torch.sigmoid(w),
+        temperature=TAU,
+        gather_distributed=g,
+        more_views=[third_view(z1, z2)],
+    ),
+    "icl_three_views_all": lambda z1, z2, w, extra, g: interventional_loss(
+        z1,
+        z2,
+        torch.sigmoid(w),
+        temperature=TAU,
+        negatives="all",
+        gather_distributed=g,
+        more_views=[third_view(z1, z2)],
+    ),
+    "nt_xent_four_views": lambda z1, z2, w, extra, g: nt_xent(
+        z1,
+        z2,
+        temperature=TAU,
+        gather_distributed=g,
+        more_views=[third_view(z1, z2), third_view(z2, z1)],
+    ),
     "metamask_contrastive": lambda z1, z2, w, extra, g: MetaMaskLoss(
         temperature=TAU, gather_distributed=g
     ).contrastive(z1, z2),
@@ -183,7 +214,11 @@ def run_errors(rank: int, data: dict[str, torch.Tensor]) -> dict[str, str]:
     for name, call in {
         "unequal_batches": lambda: nt_xent(z1, z2, temperature=TAU, gather_distributed=True),
         "triton": lambda: info_nce(
-            data["z1"], data["z2"], temperature=TAU, backend="triton", gather_distributed=True
+            data["z1"].float(),
+            data["z2"].float(),
+            temperature=TAU,
+            backend="triton",
+            gather_distributed=True,
         ),
     }.items():
         try:
@@ -287,7 +322,7 @@ def test_meta_update_keeps_strata_in_sync_and_matches_single_process(ranks, mode
 def test_bad_distributed_input_raises_on_every_rank(ranks):
     for result in ranks:
         assert "same shape on every rank" in result["errors"]["unequal_batches"]
-        assert "gather_distributed" in result["errors"]["triton"]
+        assert "needs CUDA tensors" in result["errors"]["triton"]
 
 
 def test_without_a_process_group_gathering_is_the_single_process_computation():

@@ -71,10 +71,18 @@ def test_losses_are_scale_invariant_for_huge_and_tiny_finite_rows(name: str, sca
 
 
 def test_float16_rows_with_tiny_norm_are_not_treated_as_zero() -> None:
-    """Norms below float16's 6.1e-5 floor are representable in float32, where the loss runs."""
+    """Norms below float16's 6.1e-5 floor are representable in float32, where the loss runs.
+
+    ``precision="fp32"`` keeps the similarity GEMMs in float32 too (``"auto"`` would read
+    bfloat16 operands for half inputs).
+    """
     h1, h2 = (Z1 * 1e-6).half(), (Z2 * 1e-6).half()
     assert float(h1.float().norm(dim=1).max()) < 6.1e-5
-    for loss in (LOSSES["info_nce"], LOSSES["interventional_loss"], LOSSES["non_semantic"]):
+    for loss in (
+        lambda a, b: info_nce(a, b, temperature=0.2, precision="fp32"),
+        lambda a, b: interventional_loss(a, b, STRATA, temperature=0.2, precision="fp32"),
+        lambda a, b: NonSemanticContrastiveLoss(temperature=0.2, precision="fp32")(a, b, T1, T2),
+    ):
         assert loss(h1, h2).item() == pytest.approx(loss(h1.float(), h2.float()).item(), rel=1e-5)
 
 
@@ -254,7 +262,11 @@ def near_duplicates(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 def test_near_duplicate_negatives_at_low_temperature_match_float64(
     temperature: float, dtype: torch.dtype
 ) -> None:
-    """cos/tau near 100-200: an unshifted exp overflows float32; the torch path must not."""
+    """cos/tau near 100-200: an unshifted exp overflows float32; the torch path must not.
+
+    ``precision="fp32"``: the GEMMs read the float32 unit rows (``"auto"`` would round bfloat16
+    inputs' unit rows to bfloat16 again, an error of ~2^-9 / tau in every logit).
+    """
     z1, z2 = near_duplicates(dtype)
     z1.requires_grad_()
     z2.requires_grad_()
@@ -264,12 +276,12 @@ def test_near_duplicate_negatives_at_low_temperature_match_float64(
     strata = torch.rand(3, 8, generator=torch.Generator().manual_seed(1))
     cases = [
         (
-            lambda a, b: nt_xent(a, b, temperature=temperature, backend="torch"),
+            lambda a, b: nt_xent(a, b, temperature=temperature, backend="torch", precision="fp32"),
             lambda a, b: reference_nt_xent(a, b, temperature),
         ),
         (
             lambda a, b: interventional_loss(
-                a, b, strata, temperature=temperature, backend="torch"
+                a, b, strata, temperature=temperature, backend="torch", precision="fp32"
             ),
             lambda a, b: seed_interventional_loss(a, b, strata.double(), temperature, "cross_view"),
         ),

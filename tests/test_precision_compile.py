@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from msr_loss import MetaSemanticRegularizer, info_nce, interventional_loss, nt_xent
+from msr_loss.types import Precision
 
 TAU = 0.1
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -20,23 +21,34 @@ GRAD_RTOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_losses() -> dict[str, Loss]:
+def make_losses(precision: Precision = "auto") -> dict[str, Loss]:
     torch.manual_seed(0)
     strata = torch.rand(4, 16)
     extra = torch.randn(32, 3)
-    msr = MetaSemanticRegularizer(16, 4, temperature=TAU)
+    msr = MetaSemanticRegularizer(16, 4, temperature=TAU, precision=precision)
     return {
-        "interventional": lambda z1, z2: interventional_loss(z1, z2, strata, temperature=TAU),
-        "interventional_all_extra": lambda z1, z2: interventional_loss(
-            z1, z2, strata, temperature=TAU, negatives="all", extra_negative_logits=extra
+        "interventional": lambda z1, z2: interventional_loss(
+            z1, z2, strata, temperature=TAU, precision=precision
         ),
-        "info_nce": lambda z1, z2: info_nce(z1, z2, temperature=TAU),
-        "nt_xent": lambda z1, z2: nt_xent(z1, z2, temperature=TAU),
+        "interventional_all_extra": lambda z1, z2: interventional_loss(
+            z1,
+            z2,
+            strata,
+            temperature=TAU,
+            negatives="all",
+            extra_negative_logits=extra,
+            precision=precision,
+        ),
+        "info_nce": lambda z1, z2: info_nce(z1, z2, temperature=TAU, precision=precision),
+        "nt_xent": lambda z1, z2: nt_xent(z1, z2, temperature=TAU, precision=precision),
         "regularizer": msr,
     }
 
 
 LOSSES = make_losses()
+# precision="fp32": under autocast and for half inputs "auto" means bfloat16 similarity GEMMs
+# (tests/test_gemm_precision.py); with "fp32" everything inside is float32.
+FP32_LOSSES = make_losses("fp32")
 
 
 def projector_run(loss: Loss, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +82,8 @@ def test_autocast_computes_in_float32_inside(name, dtype):
     torch.manual_seed(2)
     z1, z2 = torch.randn(16, 16).to(dtype), torch.randn(16, 16).to(dtype)
     with torch.autocast("cpu", dtype=dtype):
-        inside = LOSSES[name](z1, z2)
-    torch.testing.assert_close(inside, LOSSES[name](z1.float(), z2.float()), rtol=1e-6, atol=0)
+        inside = FP32_LOSSES[name](z1, z2)
+    torch.testing.assert_close(inside, FP32_LOSSES[name](z1.float(), z2.float()), rtol=1e-6, atol=0)
 
 
 def half_and_single(z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype):
@@ -87,8 +99,9 @@ def test_half_inputs_with_tiny_rows_at_low_temperature_match_float32(dtype):
     z2[2] *= 1e-4
     strata = torch.rand(3, 16)
     for loss in (
-        lambda a, b: interventional_loss(a, b, strata, temperature=0.05),
-        lambda a, b: nt_xent(a, b, temperature=0.05),  # solo-learn's fp16 overflows below 0.09
+        lambda a, b: interventional_loss(a, b, strata, temperature=0.05, precision="fp32"),
+        # solo-learn's fp16 overflows below 0.09
+        lambda a, b: nt_xent(a, b, temperature=0.05, precision="fp32"),
     ):
         half, single = half_and_single(z1, z2, dtype)
         value, expected = loss(*half), loss(*single)
@@ -107,9 +120,9 @@ def test_a_zero_row_in_half_precision_gives_finite_values_and_nt_xent_gradients(
     z1[0] = 0.0  # F.normalize's default eps is 0 in float16 (lightly #1259)
     half, single = half_and_single(z1, z2, dtype)
     strata = torch.rand(3, 16)
-    value = interventional_loss(*half, strata, temperature=0.1)
+    value = interventional_loss(*half, strata, temperature=0.1, precision="fp32")
     torch.testing.assert_close(value, interventional_loss(*single, strata, temperature=0.1))
-    value = nt_xent(*half, temperature=0.1)
+    value = nt_xent(*half, temperature=0.1, precision="fp32")
     torch.testing.assert_close(value, nt_xent(*single, temperature=0.1))
     value.backward()
     assert all(torch.isfinite(h.grad).all() for h in half)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from msr_loss.similarity import negative_logsumexp, triton_installed, uses_triton
+from msr_loss.similarity import (
+    fallback,
+    load_triton_kernels,
+    negative_logsumexp,
+    triton_installed,
+    uses_triton,
+)
 from msr_loss.similarity.blockwise import chunked_negative_logsumexp
+from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries
 
 NEGATIVE_SETS = ["cross_view", "all"]
 
@@ -220,6 +232,28 @@ def test_triton_interpreter_switched_on_too_late_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
+def test_the_interpreter_variable_set_between_the_imports_is_detected():
+    """Set after triton's import, it would interpret our kernels but not Triton's helpers."""
+    script = (
+        "import os, triton, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import msr_loss.similarity.triton as kernels\n"
+        "from msr_loss.similarity import uses_triton\n"
+        "assert not kernels.INTERPRETER\n"
+        "try:\n"
+        "    uses_triton(torch.zeros(4, 2), 'triton')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "set it before triton is first imported" in done.stdout
+
+
+@pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
 def test_triton_rejects_float64():
     with pytest.raises(TypeError, match=r"float16, bfloat16 and float32.*float64"):
         uses_triton(unit_rows(0, 3, 4), "triton")
@@ -229,3 +263,53 @@ def test_triton_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("msr_loss.similarity.triton_installed", lambda: False)
     with pytest.raises(ValueError, match=r"pip install 'msr-loss\[triton\]'"):
         uses_triton(unit_rows(0, 3, 4, torch.float32), "triton")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.data(),
+    st.integers(1, 6),
+    st.sampled_from(NEGATIVE_SETS),
+)
+def test_geometry_reproduces_the_definition_of_the_negatives(local, ranks, data, chunk, negatives):
+    """Blocks and excluded entries of one rank's rows give the definition's mask on the batch."""
+    rank = data.draw(st.integers(0, ranks - 1))
+    total = local * ranks
+    geometry = NegativeGeometry(local, total, rank * local, negatives)
+    got = torch.zeros(2 * local, 2 * total, dtype=torch.bool)
+    for block in geometry.row_blocks(chunk):
+        seen = torch.ones(block.rows.stop - block.rows.start, geometry.num_columns)
+        excluded_entries(seen, block.first_image, total).fill_(0)
+        got[block.rows, block.columns] = seen.bool()
+    rows = torch.cat([torch.arange(local), total + torch.arange(local)]) + rank * local
+    cols = torch.arange(2 * total)
+    expected = (rows[:, None] % total) != (cols[None, :] % total)
+    if negatives == "cross_view":
+        expected &= (rows[:, None] // total) != (cols[None, :] // total)
+    assert torch.equal(got, expected)
+
+
+def test_a_kernel_failure_on_cuda_warns_once_and_switches_to_pytorch(monkeypatch):
+    monkeypatch.setattr(fallback, "_FAILURES", [])
+    with pytest.warns(RuntimeWarning, match=r"Triton kernel failed on CUDA \(ImportError: gone\)"):
+        fallback.record_triton_failure(ImportError("gone"))
+    assert fallback.triton_failed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fallback.record_triton_failure(RuntimeError("again"))
+
+
+def test_a_failed_triton_import_falls_back_on_cuda_and_raises_on_cpu(monkeypatch):
+    def broken() -> None:
+        raise ImportError("no triton here")
+
+    monkeypatch.setattr(fallback, "_FAILURES", [])
+    monkeypatch.setattr("msr_loss.similarity._triton_module", broken)
+    with pytest.raises(ImportError, match="no triton here"):
+        load_triton_kernels(torch.zeros(2, 2))
+    cuda_like = SimpleNamespace(is_cuda=True)
+    with pytest.warns(RuntimeWarning, match="no triton here"):
+        assert load_triton_kernels(cuda_like) is None  # type: ignore[arg-type]
+    assert fallback.triton_failed()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from msr_loss.adapters import solo_learn_launcher as launcher
@@ -36,6 +37,40 @@ print("built", type(model).__name__, "for method", args.method)
 print("other DDP ranks run", _basic_subprocess_cmd()[1:])
 """
 FLAGS = ["+msr.weight=0.5", "+msr.num_strata=4", "+msr.meta_lr=0.05"]
+# A solo-learn checkout whose package differs from the installed one, and a main_pretrain.py
+# that reports which package it and a process it starts import.
+FAKE_CHECKOUT = {
+    "solo/__init__.py": "",
+    "solo/args/__init__.py": "",
+    "solo/args/pretrain.py": """
+        import sys
+
+        def parse_cfg(cfg):
+            return {**cfg, "msr": {"enabled": "+msr.enabled=true" in sys.argv}}
+        """,
+    "solo/methods/__init__.py": """
+        class SimCLR:
+            def __init__(self, cfg):
+                self.cfg = cfg
+
+        METHODS = {"simclr": SimCLR}
+        """,
+    "main_pretrain.py": """
+        import subprocess
+        import sys
+
+        import solo
+        from solo.args.pretrain import parse_cfg
+        from solo.methods import METHODS, SimCLR
+
+        cfg = parse_cfg({"method": "simclr"})
+        wrapped = METHODS["simclr"] is not SimCLR and issubclass(METHODS["simclr"], SimCLR)
+        print("main_pretrain imports solo from", solo.__file__, "wrapped:", wrapped)
+        child = [sys.executable, "-c", "import solo; print(solo.__file__)"]
+        started = subprocess.run(child, capture_output=True, text=True, cwd="/", check=True)
+        print("a process it starts imports solo from", started.stdout.strip())
+        """,
+}
 
 
 @pytest.fixture
@@ -50,6 +85,68 @@ def solo_state(monkeypatch, tmp_path):
     (tmp_path / "solo" / "main_pretrain.py").write_text(textwrap.dedent(MAIN_PRETRAIN))
     args = [a.format(data=tmp_path / "data") for a in ARGS_1_0_2]
     return tmp_path / "solo", args
+
+
+@pytest.fixture
+def fake_checkout(tmp_path):
+    """A solo-learn checkout with its own ``solo`` package; returns (checkout, clean env)."""
+    checkout = tmp_path / "solo-learn"
+    for name, text in FAKE_CHECKOUT.items():
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text(textwrap.dedent(text))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SOLO_LEARN_DIR")}
+    return checkout, env
+
+
+def assert_ran_the_checkouts_solo(run: subprocess.CompletedProcess, checkout) -> None:
+    assert run.returncode == 0, run.stderr
+    package = checkout / "solo"
+    assert f"main_pretrain imports solo from {package / '__init__.py'} wrapped: True" in run.stdout
+    assert f"a process it starts imports solo from {package / '__init__.py'}" in run.stdout
+    assert f"running solo-learn from {package} (the checkout's own package)" in run.stderr
+
+
+def test_the_console_command_run_from_a_checkout_runs_its_solo(fake_checkout):
+    checkout, env = fake_checkout
+    command = Path(sys.executable).with_name("msr-loss")
+    if not command.is_file():
+        pytest.skip(f"no msr-loss console script next to {sys.executable}")
+    run = subprocess.run(
+        [str(command), "solo-pretrain", "+msr.enabled=true"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_ran_the_checkouts_solo(run, checkout)
+
+
+def test_solo_learn_dir_wins_over_a_solo_imported_before(fake_checkout):
+    checkout, env = fake_checkout
+    script = (
+        "import sys, solo.methods; from msr_loss.cli import main; "
+        f"sys.exit(main(['solo-pretrain', '--solo-learn', {str(checkout)!r}, '+msr.enabled=true']))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=checkout.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_ran_the_checkouts_solo(run, checkout)
+
+
+def test_without_a_solo_package_the_installed_one_is_named(solo_state, capsys):
+    checkout, args = solo_state
+    assert launcher.main(["--solo-learn", str(checkout), *args]) == 0
+    installed = Path(solo_methods.__file__).parent.parent
+    assert (
+        f"running solo-learn from {installed} (the installed package; {checkout} has no solo/ "
+        "package)" in capsys.readouterr().err
+    )
 
 
 def test_flag_tokens_are_rewritten_for_hydra_and_taken_out_for_argparse():

@@ -3,7 +3,10 @@
 ``"torch"`` is the blockwise PyTorch path (:mod:`msr_loss.similarity.blockwise`), on every device
 and differentiable twice. ``"triton"`` is the fused kernel (:mod:`msr_loss.similarity.triton`), for
 CUDA tensors, or CPU tensors under the Triton interpreter. ``"auto"`` picks Triton for CUDA tensors
-in a dtype it supports when the ``triton`` package is installed, and PyTorch otherwise.
+in a dtype it supports when the ``triton`` package is installed, and PyTorch otherwise. Both take
+``precision`` (:mod:`msr_loss.similarity.precision`): the operands' precision in the GEMMs. If
+Triton fails to import or compile on CUDA, a RuntimeWarning says so once and the PyTorch path
+takes over (:mod:`msr_loss.similarity.fallback`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from types import ModuleType
 import torch
 
 from msr_loss.similarity.blockwise import chunked_negative_logsumexp
-from msr_loss.types import BACKENDS
+from msr_loss.similarity.fallback import record_triton_failure, triton_failed
+from msr_loss.similarity.precision import autocast_enabled, resolve_precision
+from msr_loss.types import BACKENDS, PRECISIONS, Precision
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MODULE = "msr_loss.similarity.triton"
@@ -29,6 +34,17 @@ def triton_installed() -> bool:
 
 def _triton_module() -> ModuleType:
     return importlib.import_module(_TRITON_MODULE)
+
+
+def load_triton_kernels(zhat: torch.Tensor) -> ModuleType | None:
+    """The kernel module, or None after a failed import on CUDA (warned once)."""
+    try:
+        return _triton_module()
+    except Exception as error:
+        if not zhat.is_cuda:
+            raise
+        record_triton_failure(error)
+        return None
 
 
 def _check_triton_can_run(zhat: torch.Tensor) -> None:
@@ -73,7 +89,7 @@ def uses_triton(zhat: torch.Tensor, backend: str) -> bool:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (zhat.is_cuda and triton_failed()):
         return False
     if backend == "auto":
         return zhat.is_cuda and zhat.dtype in TRITON_DTYPES and triton_installed()
@@ -87,6 +103,7 @@ def negative_logsumexp(
     temperature: float,
     negatives: str,
     backend: str = "auto",
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """Log-sum-exp of ``zhat_r . zhat_k / temperature`` over the negatives ``k`` of each row ``r``.
 
@@ -96,6 +113,9 @@ def negative_logsumexp(
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when installed).
+        precision: ``"auto"``, ``"fp32"``, ``"tf32"`` or ``"bf16"``: the GEMM operands' precision;
+            ``"auto"`` is ``"bf16"`` for half-precision ``zhat`` or under autocast, and otherwise
+            follows ``torch.get_float32_matmul_precision()``.
 
     Returns:
         A (2N,) tensor in the dtype of ``zhat``.
@@ -105,11 +125,24 @@ def negative_logsumexp(
         >>> negative_logsumexp(zhat, 4, 0.2, "cross_view", backend="torch").shape
         torch.Size([8])
     """
-    if uses_triton(zhat, backend):
-        kernel = _triton_module().triton_negative_logsumexp
-        result: torch.Tensor = kernel(zhat, num_images, 1.0 / temperature, negatives)
+    gemm = resolve_precision(precision, zhat.dtype, autocast_enabled(zhat))
+    kernels = load_triton_kernels(zhat) if uses_triton(zhat, backend) else None
+    if kernels is not None:
+        result: torch.Tensor = kernels.triton_negative_logsumexp(
+            zhat, num_images, 1.0 / temperature, negatives, precision=gemm
+        )
         return result
-    return chunked_negative_logsumexp(zhat, num_images, 1.0 / temperature, negatives)
+    return chunked_negative_logsumexp(
+        zhat, num_images, 1.0 / temperature, negatives, precision=gemm
+    )
 
 
-__all__ = ["BACKENDS", "negative_logsumexp", "triton_installed", "uses_triton"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "load_triton_kernels",
+    "negative_logsumexp",
+    "resolve_precision",
+    "triton_installed",
+    "uses_triton",
+]

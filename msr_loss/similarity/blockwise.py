@@ -8,7 +8,10 @@ positive, ``column % N == row % N``) lie on diagonals that are filled in place, 
 The negative set is symmetric (``k`` is a negative of ``i`` exactly when ``i`` is one of ``k``), so
 ``d lse / d Z`` for a block of rows needs only that block's similarities:
 ``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``.
-Peak extra memory is a few (chunk x M) blocks; nothing of size M x M is ever formed.
+When every logit is within ``BOUNDED_LOGITS`` (:func:`logits_are_bounded`) the forward needs no
+max-shift and the backward one exp per entry, ``C_ik = exp(s_ik) (f_i + f_k)``; otherwise each exp
+is shifted by its own log-sum-exp, which is safe at any temperature. Peak extra memory is a few
+(chunk x M) blocks; nothing of size M x M is ever formed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from collections.abc import Iterator
 
 import torch
 
+from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries
+from msr_loss.similarity.precision import GemmPrecision, gemm_context, gemm_operand
+
 BLOCK_ENTRIES = 1 << 20
+BOUNDED_LOGITS = 40.0
 
 
 def check_stacked(zhat: torch.Tensor, num_images: int) -> None:
@@ -31,28 +38,14 @@ def check_stacked(zhat: torch.Tensor, num_images: int) -> None:
 
 def default_chunk_size(num_images: int, negatives: str) -> int:
     """Rows per block so that a block of similarities holds about ``BLOCK_ENTRIES`` entries."""
-    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
     return max(1, min(num_images, BLOCK_ENTRIES // num_cols))
 
 
 def _blocks(num_images: int, negatives: str, chunk_size: int) -> Iterator[tuple[slice, slice, int]]:
     """Yields (rows, columns, first image of the rows) for every block, in row order."""
-    for view in (0, 1):
-        if negatives == "cross_view":
-            cols = slice((1 - view) * num_images, (2 - view) * num_images)
-        else:
-            cols = slice(0, 2 * num_images)
-        for first in range(0, num_images, chunk_size):
-            last = min(first + chunk_size, num_images)
-            yield slice(view * num_images + first, view * num_images + last), cols, first
-
-
-def _excluded(block: torch.Tensor, first_image: int, num_images: int) -> torch.Tensor:
-    """A view of the entries of ``block`` whose column is the row's own image, in either view."""
-    rows, num_cols = block.shape
-    return block.view(rows, num_cols // num_images, num_images).diagonal(
-        offset=first_image, dim1=0, dim2=2
-    )
+    for block in NegativeGeometry.single_process(num_images, negatives).row_blocks(chunk_size):
+        yield block.rows, block.columns, block.first_image
 
 
 def _logits_into(
@@ -65,41 +58,88 @@ def _logits_into(
     num_images: int,
 ) -> torch.Tensor:
     block = torch.mm(scaled[rows], zhat[cols].T, out=buffer[: rows.stop - rows.start])
-    _excluded(block, first, num_images).fill_(float("-inf"))
+    excluded_entries(block, first, num_images).fill_(float("-inf"))
     return block
 
 
 def _buffer(zhat: torch.Tensor, num_images: int, negatives: str, chunk_size: int) -> torch.Tensor:
-    num_cols = num_images if negatives == "cross_view" else 2 * num_images
+    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
     return zhat.new_empty(chunk_size, num_cols)
 
 
+def logits_are_bounded(zhat: torch.Tensor, inv_temperature: float) -> bool:
+    """Whether every logit lies in ``[-BOUNDED_LOGITS, BOUNDED_LOGITS]``, so ``exp`` needs no shift.
+
+    Always False while ``torch.compile`` traces (the bound is a data-dependent branch).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    largest = float(zhat.detach().square().sum(dim=1).amax())
+    return inv_temperature * largest <= BOUNDED_LOGITS
+
+
 def _forward(
-    zhat: torch.Tensor, num_images: int, inv_t: float, negatives: str, chunk_size: int
+    zhat: torch.Tensor,
+    scaled: torch.Tensor,
+    num_images: int,
+    negatives: str,
+    chunk_size: int,
+    bounded: bool,
 ) -> torch.Tensor:
     lse = zhat.new_empty(zhat.shape[0])
     buffer = _buffer(zhat, num_images, negatives, chunk_size)
-    scaled = zhat * inv_t
     for rows, cols, first in _blocks(num_images, negatives, chunk_size):
         block = _logits_into(buffer, scaled, zhat, rows, cols, first, num_images)
+        if bounded:
+            torch.sum(block.exp_(), dim=1, out=lse[rows]).log_()
+            continue
         shift = block.amax(dim=1, keepdim=True)
         lse[rows] = block.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
     return lse
 
 
-def _fast_gradient(
+def _bounded_gradient(
     zhat: torch.Tensor,
+    scaled: torch.Tensor,
     lse: torch.Tensor,
-    scaled_grad: torch.Tensor,
+    grad_lse: torch.Tensor,
     num_images: int,
-    inv_t: float,
+    inv_temperature: float,
     negatives: str,
     chunk_size: int,
 ) -> torch.Tensor:
+    """One exp per entry: ``C_ik = exp(s_ik) (f_i + f_k)`` with ``f = g exp(-L) / max|g|``.
+
+    Safe when every logit is within ``BOUNDED_LOGITS``: then ``exp(s)`` and ``exp(-L)`` stay far
+    from float32's overflow and underflow, and ``g / max|g|`` keeps tiny gradients normal.
+    """
+    peak = grad_lse.abs().amax().clamp_min(torch.finfo(grad_lse.dtype).tiny)
+    factor = torch.exp(-lse).mul_(grad_lse / peak)
     dz = torch.empty_like(zhat)
     logits = _buffer(zhat, num_images, negatives, chunk_size)
     weights = torch.empty_like(logits)
-    scaled = zhat * inv_t
+    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
+        block = _logits_into(logits, scaled, zhat, rows, cols, first, num_images).exp_()
+        pair = torch.add(factor[rows, None], factor[None, cols], out=weights[: block.shape[0]])
+        torch.mm(pair.mul_(block), zhat[cols], out=dz[rows])
+    return dz.mul_(peak * inv_temperature)
+
+
+def _shifted_gradient(
+    zhat: torch.Tensor,
+    scaled: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    num_images: int,
+    inv_temperature: float,
+    negatives: str,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Two exps per entry, each shifted by its own log-sum-exp: safe at any temperature."""
+    scaled_grad = grad_lse * inv_temperature
+    dz = torch.empty_like(zhat)
+    logits = _buffer(zhat, num_images, negatives, chunk_size)
+    weights = torch.empty_like(logits)
     for rows, cols, first in _blocks(num_images, negatives, chunk_size):
         block = _logits_into(logits, scaled, zhat, rows, cols, first, num_images)
         as_row = torch.sub(block, lse[rows, None], out=weights[: block.shape[0]])
@@ -112,17 +152,18 @@ def _fast_gradient(
 def _differentiable_gradient(
     zhat: torch.Tensor,
     lse: torch.Tensor,
-    scaled_grad: torch.Tensor,
+    grad_lse: torch.Tensor,
     num_images: int,
-    inv_t: float,
+    inv_temperature: float,
     negatives: str,
     chunk_size: int,
 ) -> torch.Tensor:
+    scaled_grad = grad_lse * inv_temperature
     pieces = []
     for rows, cols, first in _blocks(num_images, negatives, chunk_size):
         bias = zhat.new_zeros(rows.stop - rows.start, cols.stop - cols.start)
-        _excluded(bias, first, num_images).fill_(float("-inf"))
-        block = torch.mm(zhat[rows] * inv_t, zhat[cols].T) + bias
+        excluded_entries(bias, first, num_images).fill_(float("-inf"))
+        block = torch.mm(zhat[rows] * inv_temperature, zhat[cols].T) + bias
         weights = (
             torch.exp(block - lse[rows, None]) * scaled_grad[rows, None]
             + torch.exp(block - lse[None, cols]) * scaled_grad[None, cols]
@@ -144,17 +185,23 @@ def lse_gradient(
 
     While autograd records (``torch.is_grad_enabled()``, as inside a backward with
     ``create_graph=True``) it uses differentiable operations, so a second derivative flows through
-    ``zhat``, ``lse`` and ``grad_lse``; otherwise in-place operations that reuse each block.
+    ``zhat``, ``lse`` and ``grad_lse``; otherwise in-place operations that reuse each block, with
+    one exp per entry where the logits are bounded (:func:`logits_are_bounded`) and two elsewhere.
     """
-    scaled_grad = grad_lse * inv_temperature
-    compute = _differentiable_gradient if torch.is_grad_enabled() else _fast_gradient
-    return compute(zhat, lse, scaled_grad, num_images, inv_temperature, negatives, chunk_size)
+    config = (num_images, inv_temperature, negatives, chunk_size)
+    if torch.is_grad_enabled():
+        return _differentiable_gradient(zhat, lse, grad_lse, *config)
+    scaled = zhat * inv_temperature
+    compute = _bounded_gradient if logits_are_bounded(zhat, inv_temperature) else _shifted_gradient
+    return compute(zhat, scaled, lse, grad_lse, *config)
 
 
 class ChunkedNegativeLogSumExp(torch.autograd.Function):
     """Blockwise log-sum-exp over negatives; the forward keeps only the log-sum-exps.
 
-    The backward recomputes each block of similarities; it is twice differentiable.
+    The backward recomputes each block of similarities; it is twice differentiable. ``precision``
+    is ``"fp32"``, ``"tf32"`` or ``"bf16"`` (the operands arrive already rounded for ``"bf16"``;
+    ``"tf32"`` switches CUDA's float32 GEMMs to TF32 in the forward and the backward).
     """
 
     @staticmethod
@@ -165,19 +212,31 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
         inv_temperature: float,
         negatives: str,
         chunk_size: int,
+        precision: GemmPrecision,
     ) -> torch.Tensor:
-        lse = _forward(zhat, num_images, inv_temperature, negatives, chunk_size)
-        ctx.save_for_backward(zhat, lse)
+        bounded = logits_are_bounded(zhat, inv_temperature)
+        scaled = zhat * inv_temperature
+        with gemm_context(zhat.device, precision):
+            lse = _forward(zhat, scaled, num_images, negatives, chunk_size, bounded)
+        ctx.save_for_backward(zhat, lse, scaled)
         ctx.config = (num_images, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
+        ctx.bounded = bounded  # type: ignore[attr-defined]
+        ctx.precision = precision  # type: ignore[attr-defined]
         return lse
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        zhat, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = lse_gradient(zhat, lse, grad_lse, *ctx.config)  # type: ignore[attr-defined]
-        return grad, None, None, None, None
+        zhat, lse, scaled = ctx.saved_tensors  # type: ignore[attr-defined]
+        config = ctx.config  # type: ignore[attr-defined]
+        with gemm_context(zhat.device, ctx.precision):  # type: ignore[attr-defined]
+            if torch.is_grad_enabled():
+                grad = _differentiable_gradient(zhat, lse, grad_lse, *config)
+            else:
+                compute = _bounded_gradient if ctx.bounded else _shifted_gradient  # type: ignore[attr-defined]
+                grad = compute(zhat, scaled, lse, grad_lse, *config)
+        return grad, None, None, None, None, None
 
 
 def chunked_negative_logsumexp(
@@ -186,10 +245,12 @@ def chunked_negative_logsumexp(
     inv_temperature: float,
     negatives: str,
     chunk_size: int | None = None,
+    precision: GemmPrecision = "fp32",
 ) -> torch.Tensor:
     """Log-sum-exp of ``inv_temperature * zhat_r . zhat_k`` over the negatives ``k`` of each row.
 
-    Half-precision inputs are computed in float32 and the result cast back.
+    Half-precision inputs are computed in float32 and the result cast back; the GEMMs take their
+    operands in ``precision`` (:mod:`msr_loss.similarity.precision`).
 
     Args:
         zhat: (2N, D) projections, view 1 stacked over view 2.
@@ -198,6 +259,7 @@ def chunked_negative_logsumexp(
         negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
         chunk_size: Rows per block (at most N); by default about ``BLOCK_ENTRIES`` similarities
             per block.
+        precision: ``"fp32"``, ``"tf32"`` (TF32 on CUDA, float32 elsewhere) or ``"bf16"``.
 
     Returns:
         A (2N,) tensor in the dtype of ``zhat``.
@@ -212,7 +274,8 @@ def chunked_negative_logsumexp(
     if chunk < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk}")
     work = zhat if zhat.dtype in (torch.float32, torch.float64) else zhat.float()
+    operand = gemm_operand(work.contiguous(), precision)
     lse: torch.Tensor = ChunkedNegativeLogSumExp.apply(
-        work.contiguous(), num_images, inv_temperature, negatives, min(chunk, num_images)
+        operand, num_images, inv_temperature, negatives, min(chunk, num_images), precision
     )
     return lse.to(zhat.dtype)

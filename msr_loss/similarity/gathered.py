@@ -1,11 +1,11 @@
-"""The negatives' log-sum-exp with the negatives gathered from every rank (PyTorch path).
+"""The negatives' log-sum-exp with the negatives gathered from every rank.
 
-Each rank keeps its own 2n anchors as rows, ``[view 1 of its n images; view 2 of them]``, and
-uses the 2N = 2nW views of the global batch as columns, in the single-process layout ``[view 1 of
-images 0..N-1; view 2 of images 0..N-1]``; local image ``i`` of rank ``r`` is global image
-``r * n + i``. The rows are a subset of the columns, so the backward has two terms: the rows' own
-gradient and the columns' (the transposed product), which :func:`msr_loss.distributed.gather`
-routes back to the ranks that own them.
+Each rank keeps its own 2n anchors as rows and uses the 2N = 2nW views of the global batch as
+columns, in the layout of :mod:`msr_loss.similarity.geometry`; local image ``i`` of rank ``r`` is
+global image ``r * n + i``. On CUDA (or with ``backend="triton"``) the fused kernel computes it
+(:class:`msr_loss.similarity.triton.TritonNegativeLogSumExp`); otherwise the PyTorch path here,
+whose backward has two terms: the rows' own gradient and the columns' (the transposed product),
+which :func:`msr_loss.distributed.gather` routes back to the ranks that own them.
 """
 
 from __future__ import annotations
@@ -15,26 +15,16 @@ from collections.abc import Iterator
 import torch
 
 from msr_loss.distributed import gather, rank, world_size
-from msr_loss.similarity import BACKENDS, negative_logsumexp
-
-
-def _chunk_mask(
-    start: int,
-    stop: int,
-    num_images: int,
-    first_image: int,
-    global_images: int,
-    negatives: str,
-    device: torch.device,
-) -> torch.Tensor:
-    local_rows = torch.arange(start, stop, device=device)
-    row_image = first_image + local_rows % num_images
-    cols = torch.arange(2 * global_images, device=device)
-    other_image = row_image[:, None] != (cols % global_images)[None, :]
-    if negatives == "all":
-        return other_image
-    row_view = local_rows // num_images
-    return other_image & (row_view[:, None] != (cols // global_images)[None, :])
+from msr_loss.similarity import BACKENDS, load_triton_kernels, negative_logsumexp, uses_triton
+from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries, to_global_layout
+from msr_loss.similarity.precision import (
+    GemmPrecision,
+    autocast_enabled,
+    gemm_context,
+    gemm_operand,
+    resolve_precision,
+)
+from msr_loss.types import Precision
 
 
 def _masked_blocks(
@@ -44,15 +34,14 @@ def _masked_blocks(
     inv_temperature: float,
     negatives: str,
     chunk_size: int,
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Yields (start, stop, logits, negatives mask) for each chunk of rows against all columns."""
-    num_images, global_images = rows.shape[0] // 2, columns.shape[0] // 2
-    for start in range(0, rows.shape[0], chunk_size):
-        stop = min(start + chunk_size, rows.shape[0])
-        mask = _chunk_mask(
-            start, stop, num_images, first_image, global_images, negatives, rows.device
-        )
-        yield start, stop, (rows[start:stop] @ columns.T) * inv_temperature, mask
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """Yields (rows, columns, logits with -inf on the excluded entries) for each block of rows."""
+    geometry = NegativeGeometry(rows.shape[0] // 2, columns.shape[0] // 2, first_image, negatives)
+    for block in geometry.row_blocks(chunk_size):
+        bias = rows.new_zeros(block.rows.stop - block.rows.start, geometry.num_columns)
+        excluded_entries(bias, block.first_image, geometry.global_images).fill_(float("-inf"))
+        logits = (rows[block.rows] @ columns[block.columns].T) * inv_temperature + bias
+        yield block.rows, block.columns, logits
 
 
 class GatheredNegativeLogSumExp(torch.autograd.Function):
@@ -74,8 +63,8 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
     ) -> torch.Tensor:
         config = (first_image, inv_temperature, negatives, chunk_size)
         pieces = [
-            torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
-            for _, _, logits, mask in _masked_blocks(rows, columns, *config)
+            torch.logsumexp(logits, dim=1)
+            for _, _, logits in _masked_blocks(rows, columns, *config)
         ]
         lse = torch.cat(pieces)
         ctx.save_for_backward(rows, columns, lse)
@@ -91,12 +80,37 @@ class GatheredNegativeLogSumExp(torch.autograd.Function):
         inv_temperature = config[1]
         row_pieces = []
         grad_columns = torch.zeros_like(columns)
-        for start, stop, logits, mask in _masked_blocks(rows, columns, *config):
-            softmax = torch.exp(logits - lse[start:stop, None]) * grad_lse[start:stop, None]
-            weights = torch.where(mask, softmax, torch.zeros((), dtype=logits.dtype))
-            row_pieces.append((weights @ columns) * inv_temperature)
-            grad_columns = grad_columns + (weights.T @ rows[start:stop]) * inv_temperature
+        for row_block, col_block, logits in _masked_blocks(rows, columns, *config):
+            weights = torch.exp(logits - lse[row_block, None]) * grad_lse[row_block, None]
+            row_pieces.append((weights @ columns[col_block]) * inv_temperature)
+            column_grad = (weights.T @ rows[row_block]) * inv_temperature
+            grad_columns = grad_columns.index_add(
+                0, torch.arange(col_block.start, col_block.stop, device=columns.device), column_grad
+            )
         return torch.cat(row_pieces), grad_columns, None, None, None, None
+
+
+def torch_gathered_logsumexp(
+    zhat: torch.Tensor,
+    num_images: int,
+    inv_temperature: float,
+    negatives: str,
+    precision: GemmPrecision = "fp32",
+) -> torch.Tensor:
+    """The PyTorch path of :func:`gathered_negative_logsumexp`; twice differentiable."""
+    ranks = world_size()
+    columns = to_global_layout(gather(zhat), ranks)
+    chunk = max(1, min(num_images, (1 << 22) // columns.shape[0]))
+    with gemm_context(zhat.device, precision):
+        result: torch.Tensor = GatheredNegativeLogSumExp.apply(
+            gemm_operand(zhat, precision),
+            gemm_operand(columns, precision),
+            rank() * num_images,
+            inv_temperature,
+            negatives,
+            chunk,
+        )
+    return result
 
 
 def gathered_negative_logsumexp(
@@ -105,19 +119,22 @@ def gathered_negative_logsumexp(
     temperature: float,
     negatives: str,
     backend: str = "auto",
+    precision: Precision = "auto",
 ) -> torch.Tensor:
     """:func:`msr_loss.similarity.negative_logsumexp` with the negatives of every rank.
 
     Without an initialised process group, or with one rank, this is ``negative_logsumexp``
-    itself. Under distribution only the PyTorch path exists: ``backend="auto"`` uses it and
-    ``backend="triton"`` raises ValueError. Each chunk of rows holds about 2**22 similarities.
+    itself. Under distribution ``backend`` chooses as there: the fused kernel for CUDA tensors
+    with ``"auto"`` (or any device it can run on with ``"triton"``), the PyTorch path otherwise,
+    whose blocks of rows hold about 2**22 similarities each.
 
     Args:
         zhat: (2n, D) this rank's unit-norm projections, view 1 stacked over view 2.
         num_images: n, this rank's number of images (the same on every rank).
         temperature: The softmax temperature, > 0.
         negatives: ``"cross_view"`` or ``"all"``, over the global batch.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (single process only).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        precision: The GEMM operands' precision (see :mod:`msr_loss.similarity.precision`).
 
     Returns:
         A (2n,) tensor in the dtype of ``zhat``.
@@ -129,18 +146,13 @@ def gathered_negative_logsumexp(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    ranks = world_size()
-    if ranks == 1:
-        return negative_logsumexp(zhat, num_images, temperature, negatives, backend)
-    if backend == "triton":
-        raise ValueError(
-            "backend='triton' does not support gather_distributed=True; "
-            "use backend='auto' or 'torch'"
+    if world_size() == 1:
+        return negative_logsumexp(zhat, num_images, temperature, negatives, backend, precision)
+    gemm = resolve_precision(precision, zhat.dtype, autocast_enabled(zhat))
+    kernels = load_triton_kernels(zhat) if uses_triton(zhat, backend) else None
+    if kernels is not None:
+        result: torch.Tensor = kernels.triton_negative_logsumexp(
+            zhat, num_images, 1.0 / temperature, negatives, precision=gemm, distributed=True
         )
-    dim = zhat.shape[1]
-    columns = gather(zhat).view(ranks, 2, num_images, dim).transpose(0, 1).reshape(-1, dim)
-    chunk = max(1, min(zhat.shape[0], (1 << 22) // columns.shape[0]))
-    result: torch.Tensor = GatheredNegativeLogSumExp.apply(
-        zhat, columns, rank() * num_images, 1.0 / temperature, negatives, chunk
-    )
-    return result
+        return result
+    return torch_gathered_logsumexp(zhat, num_images, 1.0 / temperature, negatives, gemm)
