@@ -27,7 +27,6 @@ from msr_loss._validation import (
 )
 from msr_loss.multiview import (
     check_all_views,
-    more_views_given,
     multiview_info_nce,
     multiview_interventional,
 )
@@ -186,12 +185,12 @@ def interventional_loss(
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
     gather_distributed = check_flag("gather_distributed", gather_distributed)
-    if more_views_given(more_views):
-        views = check_all_views(z1, z2, more_views)
-        strata = check_strata(strata, z1.shape[1], z1.device)
-        gemm = resolve_precision(precision, z1.dtype)
-        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
-        dtype = compute_dtype(*[t.dtype for t in (*views, strata, extra) if t is not None])
+    views = check_all_views(z1, z2, more_views)
+    strata = check_strata(strata, z1.shape[1], z1.device)
+    gemm = resolve_precision(precision, z1.dtype)
+    extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+    dtype = compute_dtype(*[t.dtype for t in (*views, strata, extra) if t is not None])
+    if len(views) > 2:
         per_anchor = multiview_interventional(
             [unit_rows(view, dtype) for view in views],
             scale_rows(strata.to(dtype)),
@@ -203,11 +202,6 @@ def interventional_loss(
             gemm,
         )
         return _reduce(per_anchor, reduction)
-    z1, z2 = check_views(z1, z2)
-    strata = check_strata(strata, z1.shape[1], z1.device)
-    gemm = resolve_precision(precision, z1.dtype)
-    extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
-    dtype = compute_dtype(*[t.dtype for t in (z1, z2, strata, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = stratified_positive_logits(
         anchors, positives, scale_rows(strata.to(dtype)), temperature
@@ -262,11 +256,11 @@ def info_nce(
     temperature = check_temperature(temperature)
     check_loss_choices(negatives, reduction, backend)
     gather_distributed = check_flag("gather_distributed", gather_distributed)
-    if more_views_given(more_views):
-        views = check_all_views(z1, z2, more_views)
-        gemm = resolve_precision(precision, z1.dtype)
-        extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
-        dtype = compute_dtype(*[t.dtype for t in (*views, extra) if t is not None])
+    views = check_all_views(z1, z2, more_views)
+    gemm = resolve_precision(precision, z1.dtype)
+    extra = _check_extra_logits(extra_negative_logits, len(views) * z1.shape[0], z1.device)
+    dtype = compute_dtype(*[t.dtype for t in (*views, extra) if t is not None])
+    if len(views) > 2:
         per_anchor = multiview_info_nce(
             [unit_rows(view, dtype) for view in views],
             temperature,
@@ -277,10 +271,6 @@ def info_nce(
             gemm,
         )
         return _reduce(per_anchor, reduction)
-    z1, z2 = check_views(z1, z2)
-    gemm = resolve_precision(precision, z1.dtype)
-    extra = _check_extra_logits(extra_negative_logits, 2 * z1.shape[0], z1.device)
-    dtype = compute_dtype(*[t.dtype for t in (z1, z2, extra) if t is not None])
     anchors, positives = _anchors_and_positives(z1, z2, dtype)
     positive_logits = (anchors * positives).sum(dim=1) / temperature
     lse = _negatives_lse(

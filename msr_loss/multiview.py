@@ -20,17 +20,15 @@ from msr_loss.similarity.precision import GemmPrecision
 from msr_loss.similarity.views import multiview_negative_logsumexp
 
 
-def more_views_given(more_views: Sequence[object]) -> bool:
-    """Whether ``more_views`` holds any view; a tensor (not a sequence of them) is refused."""
+def check_all_views(z1: object, z2: object, more_views: Sequence[object]) -> list[torch.Tensor]:
+    """``[z1, z2, *more_views]`` checked: floating (N, D) tensors of one shape and device.
+
+    ``more_views`` must be a sequence of tensors; a single tensor is refused.
+    """
     if isinstance(more_views, torch.Tensor):
         raise TypeError(
             "more_views must be a sequence of (N, D) tensors, got a tensor; pass list(tensor)"
         )
-    return len(more_views) > 0
-
-
-def check_all_views(z1: object, z2: object, more_views: Sequence[object]) -> list[torch.Tensor]:
-    """``[z1, z2, *more_views]`` checked: floating (N, D) tensors of one shape and device."""
     z1, z2 = check_views(z1, z2)
     views = [z1, z2]
     for index, view in enumerate(more_views):
