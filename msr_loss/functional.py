@@ -30,6 +30,7 @@ from msr_loss.multiview import (
     multiview_info_nce,
     multiview_interventional,
 )
+from msr_loss.rows import scale_rows, unit_rows
 from msr_loss.similarity import negative_logsumexp
 from msr_loss.similarity.gathered import gathered_negative_logsumexp
 from msr_loss.similarity.precision import GemmPrecision, gemm_operand, resolve_precision
@@ -44,32 +45,16 @@ def _reduce(per_anchor: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     return per_anchor
 
 
-def scale_rows(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``x`` divided by its largest absolute entry along ``dim`` (detached); zeros stay zeros.
-
-    Every loss here is invariant to that scale, and after it no square overflows or underflows:
-    finite rows of any magnitude normalise correctly.
-    """
-    largest = x.detach().abs().amax(dim=dim, keepdim=True)
-    return x / torch.where(largest > 0, largest, torch.ones_like(largest))
-
-
-def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The rows of ``x`` (last dimension) as unit vectors in ``dtype``; zero rows stay zero.
-
-    After :func:`scale_rows` a non-zero row has norm >= 1, so any normalising epsilon below 1
-    gives the same unit rows and only meets zero rows: at 0.5 their gradient is twice the
-    incoming one (finite even in float16), where a dtype's tiny epsilon would blow it up.
-    """
-    return F.normalize(scale_rows(x.to(dtype)), dim=-1, eps=0.5)
-
-
-def _anchors_and_positives(
+def _unit_views(
     z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    anchors = unit_rows(torch.cat([z1.to(dtype), z2.to(dtype)]), dtype)
-    n = z1.shape[0]
-    return anchors, torch.cat([anchors[n:], anchors[:n]])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unit rows of each view and the (2N, D) anchors, view 1 stacked over view 2.
+
+    The positive of anchor ``r`` is anchor ``(r + N) mod 2N``. The positives' terms take the
+    views themselves, so autograd never scatters a slice of the anchors into a (2N, D) zero tensor.
+    """
+    unit1, unit2 = unit_rows(z1, dtype), unit_rows(z2, dtype)
+    return unit1, unit2, torch.cat([unit1, unit2])
 
 
 def _check_extra_logits(
@@ -108,16 +93,22 @@ def _negatives_lse(
 
 
 def stratified_positive_logits(
-    anchors: torch.Tensor, positives: torch.Tensor, strata: torch.Tensor, temperature: float
+    unit1: torch.Tensor, unit2: torch.Tensor, strata: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """``sim(anchor, a_t * positive) / temperature`` for every anchor and stratum, shape (M, n).
+    """``sim(anchor, a_t * positive) / temperature`` for every anchor and stratum, shape (2N, n).
 
-    Two (M x D)(D x n) products replace the (n, M, D) tensor of modulated positives.
+    ``unit1`` and ``unit2`` are the (N, D) unit rows of the two views; the anchors are view 1's
+    rows, then view 2's. Both anchors of an image share ``sum_d u1_d u2_d a_td``: one
+    (N x D)(D x n) product gives every dot, two more every ``||a_t * positive||``.
     """
-    dots = (anchors * positives) @ strata.T
-    tiny = torch.finfo(anchors.dtype).tiny
-    norms = torch.sqrt(((positives * positives) @ (strata * strata).T).clamp_min(tiny))
-    return dots / norms / temperature
+    dots = (unit1 * unit2) @ strata.T
+    squared = strata * strata
+    tiny = torch.finfo(unit1.dtype).tiny
+
+    def norms(unit: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(((unit * unit) @ squared.T).clamp_min(tiny))
+
+    return torch.cat([dots / norms(unit2), dots / norms(unit1)]) / temperature
 
 
 @without_autocast
@@ -202,14 +193,14 @@ def interventional_loss(
             gemm,
         )
         return _reduce(per_anchor, reduction)
-    anchors, positives = _anchors_and_positives(z1, z2, dtype)
+    unit1, unit2, anchors = _unit_views(z1, z2, dtype)
     positive_logits = stratified_positive_logits(
-        anchors, positives, scale_rows(strata.to(dtype)), temperature
+        unit1, unit2, scale_rows(strata.to(dtype)), temperature
     )
     lse = _negatives_lse(
         anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
-    per_stratum = positive_logits - torch.logaddexp(positive_logits, lse[:, None])
+    per_stratum = F.logsigmoid(positive_logits - lse[:, None])
     log_p = torch.logsumexp(per_stratum, dim=1) - math.log(strata.shape[0])
     return _reduce(-log_p, reduction)
 
@@ -271,12 +262,13 @@ def info_nce(
             gemm,
         )
         return _reduce(per_anchor, reduction)
-    anchors, positives = _anchors_and_positives(z1, z2, dtype)
-    positive_logits = (anchors * positives).sum(dim=1) / temperature
+    unit1, unit2, anchors = _unit_views(z1, z2, dtype)
+    dots = (unit1 * unit2).sum(dim=1)
+    positive_logits = torch.cat([dots, dots]) / temperature
     lse = _negatives_lse(
         anchors, z1.shape[0], temperature, negatives, backend, extra, gather_distributed, gemm
     )
-    log_p = positive_logits - torch.logaddexp(positive_logits, lse)
+    log_p = F.logsigmoid(positive_logits - lse)
     return _reduce(-log_p, reduction)
 
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from msr_loss._validation import check_finite, check_floating, check_views
 from msr_loss.similarity.precision import GemmPrecision
@@ -107,7 +108,7 @@ def multiview_interventional(
     lse = _negatives(
         unit, temperature, negatives, backend, extra_logits, gather_distributed, precision
     )
-    per_stratum = positive - torch.logaddexp(positive, lse[..., None])
+    per_stratum = F.logsigmoid(positive - lse[..., None])
     log_p = torch.logsumexp(per_stratum, dim=-1) - math.log(strata.shape[0])
     return _per_anchor(log_p)
 
@@ -132,4 +133,4 @@ def multiview_info_nce(
     lse = _negatives(
         unit, temperature, negatives, backend, extra_logits, gather_distributed, precision
     )
-    return _per_anchor(positive - torch.logaddexp(positive, lse))
+    return _per_anchor(F.logsigmoid(positive - lse))

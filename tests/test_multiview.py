@@ -18,8 +18,8 @@ from msr_loss import (
     interventional_loss,
     nt_xent,
 )
-from msr_loss.functional import unit_rows
 from msr_loss.multiview import multiview_interventional
+from msr_loss.rows import unit_rows
 
 NEGATIVES = ("cross_view", "all")
 TAU = 0.3

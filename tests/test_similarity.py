@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from msr_loss.similarity import (
+    blockwise,
     fallback,
     load_triton_kernels,
     negative_logsumexp,
@@ -73,24 +74,28 @@ cases = st.tuples(
     st.integers(2, 9),
     st.integers(1, 7),
     st.integers(1, 9),
+    st.integers(1, 10),
     st.floats(0.01, 2.0),
     st.sampled_from(NEGATIVE_SETS),
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cases)
 def test_chunked_matches_the_definition_in_float64(case):
-    seed, batch, dim, chunk, temperature, negatives = case
+    """Ragged row and column tiles; tau below 0.025 takes the shifted path, above it the bounded."""
+    seed, batch, dim, chunk, width, temperature, negatives = case
     zhat = unit_rows(seed, batch, dim)
     grad_out = torch.randn(
         2 * batch, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
     )
-    got, got_grad = value_and_grad(
-        lambda z: chunked_negative_logsumexp(z, batch, 1 / temperature, negatives, chunk),
-        zhat,
-        grad_out,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blockwise, "COLUMN_TILE", width)
+        got, got_grad = value_and_grad(
+            lambda z: chunked_negative_logsumexp(z, batch, 1 / temperature, negatives, chunk),
+            zhat,
+            grad_out,
+        )
     expected, expected_grad = value_and_grad(
         lambda z: plain_negative_lse(z, batch, 1 / temperature, negatives), zhat, grad_out
     )
@@ -98,8 +103,10 @@ def test_chunked_matches_the_definition_in_float64(case):
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("width", [512, 37])
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
-def test_float32_at_temperature_0_01_over_many_columns(negatives):
+def test_float32_at_temperature_0_01_over_many_columns(negatives, width, monkeypatch):
+    monkeypatch.setattr(blockwise, "COLUMN_TILE", width)
     zhat = unit_rows(1, 300, 16)
     grad_out = torch.randn(600, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got, got_grad = value_and_grad(
@@ -130,8 +137,10 @@ def test_half_inputs_are_computed_in_float32(dtype):
     torch.testing.assert_close(got_grad.double(), expected_grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("width", [512, 3])
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
-def test_twice_differentiable(negatives):
+def test_twice_differentiable(negatives, width, monkeypatch):
+    monkeypatch.setattr(blockwise, "COLUMN_TILE", width)
     zhat = unit_rows(4, 4, 3).requires_grad_()
 
     def fn(z):
@@ -141,8 +150,10 @@ def test_twice_differentiable(negatives):
     assert torch.autograd.gradgradcheck(fn, (zhat,))
 
 
+@pytest.mark.parametrize("width", [512, 7])
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
-def test_graph_building_backward_equals_the_fast_one(negatives):
+def test_graph_building_backward_equals_the_fast_one(negatives, width, monkeypatch):
+    monkeypatch.setattr(blockwise, "COLUMN_TILE", width)
     zhat = unit_rows(5, 24, 8).requires_grad_()
     grad_out = torch.randn(48, dtype=torch.float64)
     results = []
@@ -154,8 +165,10 @@ def test_graph_building_backward_equals_the_fast_one(negatives):
     torch.testing.assert_close(results[0], results[1].detach(), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("width", [512, 30])
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
-def test_backward_is_bitwise_deterministic(negatives):
+def test_backward_is_bitwise_deterministic(negatives, width, monkeypatch):
+    monkeypatch.setattr(blockwise, "COLUMN_TILE", width)
     zhat = unit_rows(6, 100, 32, torch.float32)
     grad_out = torch.randn(200)
     grads = [
@@ -183,13 +196,13 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
-def test_never_forms_a_matrix_larger_than_one_block(negatives):
-    batch, chunk = 64, 8
-    zhat = unit_rows(7, batch, 4, torch.float32).requires_grad_()
+def test_never_forms_a_matrix_larger_than_one_tile(negatives, monkeypatch):
+    batch, chunk, width, dim = 64, 8, 24, 4
+    monkeypatch.setattr(blockwise, "COLUMN_TILE", width)
+    zhat = unit_rows(7, batch, dim, torch.float32).requires_grad_()
     with LargestTensor() as mode:
         chunked_negative_logsumexp(zhat, batch, 5.0, negatives, chunk).sum().backward()
-    assert mode.largest <= chunk * 2 * batch
-    assert mode.largest < (2 * batch) ** 2 // 8
+    assert mode.largest <= max(chunk * width, 2 * batch * dim)
 
 
 def test_rejects_an_unknown_backend():
@@ -279,16 +292,31 @@ def test_geometry_reproduces_the_definition_of_the_negatives(local, ranks, data,
     total = local * ranks
     geometry = NegativeGeometry(local, total, rank * local, negatives)
     got = torch.zeros(2 * local, 2 * total, dtype=torch.bool)
+    width = data.draw(st.integers(1, 2 * total))
+    tiled = torch.zeros_like(got)
     for block in geometry.row_blocks(chunk):
         seen = torch.ones(block.rows.stop - block.rows.start, geometry.num_columns)
         excluded_entries(seen, block.first_image, total).fill_(0)
         got[block.rows, block.columns] = seen.bool()
+        tiles = list(geometry.tiles(block, width))
+        assert [t.columns.start for t in tiles[1:]] == [t.columns.stop for t in tiles[:-1]]
+        assert (tiles[0].columns.start, tiles[-1].columns.stop) == (
+            block.columns.start,
+            block.columns.stop,
+        )
+        for tile in tiles:
+            assert tile.columns.stop - tile.columns.start <= width
+            seen = torch.ones(
+                block.rows.stop - block.rows.start, tile.columns.stop - tile.columns.start
+            )
+            tiled[block.rows, tile.columns] = tile.fill_excluded(seen, 0.0).bool()
     rows = torch.cat([torch.arange(local), total + torch.arange(local)]) + rank * local
     cols = torch.arange(2 * total)
     expected = (rows[:, None] % total) != (cols[None, :] % total)
     if negatives == "cross_view":
         expected &= (rows[:, None] // total) != (cols[None, :] // total)
     assert torch.equal(got, expected)
+    assert torch.equal(tiled, expected)
 
 
 def test_a_kernel_failure_on_cuda_warns_once_and_switches_to_pytorch(monkeypatch):

@@ -1,17 +1,20 @@
-"""The negatives' log-sum-exp in plain PyTorch, one block of rows at a time.
+"""The negatives' log-sum-exp in plain PyTorch, one tile of similarities at a time.
 
 Rows and columns index the M = 2N stacked views ``[view 1; view 2]``: index ``r`` is view ``r // N``
-of image ``r % N``. A block holds rows of one view only, so its excluded entries (the anchor and its
-positive, ``column % N == row % N``) lie on diagonals that are filled in place, with no mask. With
-``negatives="cross_view"`` a block is multiplied by the other view only: half the work of ``"all"``.
+of image ``r % N``. A tile holds a block of rows of one view against at most ``COLUMN_TILE``
+columns of one view's copy of the columns (:meth:`NegativeGeometry.tiles`), so its excluded
+entries (the anchor and its positive, ``column % N == row % N``) lie on one diagonal that is
+filled in place, with no mask, and its buffers stay in a core's L2 cache through the elementwise
+passes. With ``negatives="cross_view"`` a row sees the other view only: half the work of
+``"all"``.
 
 The negative set is symmetric (``k`` is a negative of ``i`` exactly when ``i`` is one of ``k``), so
 ``d lse / d Z`` for a block of rows needs only that block's similarities:
 ``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``.
 When every logit is within ``BOUNDED_LOGITS`` (:func:`logits_are_bounded`) the forward needs no
 max-shift and the backward one exp per entry, ``C_ik = exp(s_ik) (f_i + f_k)``; otherwise each exp
-is shifted by its own log-sum-exp, which is safe at any temperature. Peak extra memory is a few
-(chunk x M) blocks; nothing of size M x M is ever formed.
+is shifted by its own log-sum-exp, which is safe at any temperature. ``1/tau`` scales inside each
+GEMM; peak extra memory is two tiles, and nothing of size M x M is ever formed.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import Iterator
 
 import torch
 
-from msr_loss.similarity.geometry import NegativeGeometry, excluded_entries
+from msr_loss.similarity.geometry import NegativeGeometry, RowBlock, Tile
 from msr_loss.similarity.precision import GemmPrecision, gemm_context, gemm_operand
 
-BLOCK_ENTRIES = 1 << 20
+ROW_TILE = 256
+COLUMN_TILE = 512
 BOUNDED_LOGITS = 40.0
 
 
@@ -36,35 +40,36 @@ def check_stacked(zhat: torch.Tensor, num_images: int) -> None:
         )
 
 
-def default_chunk_size(num_images: int, negatives: str) -> int:
-    """Rows per block so that a block of similarities holds about ``BLOCK_ENTRIES`` entries."""
-    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
-    return max(1, min(num_images, BLOCK_ENTRIES // num_cols))
+def default_chunk_size(num_images: int) -> int:
+    """Rows per tile: ``ROW_TILE``, or N if it is smaller."""
+    return min(num_images, ROW_TILE)
 
 
-def _blocks(num_images: int, negatives: str, chunk_size: int) -> Iterator[tuple[slice, slice, int]]:
-    """Yields (rows, columns, first image of the rows) for every block, in row order."""
-    for block in NegativeGeometry.single_process(num_images, negatives).row_blocks(chunk_size):
-        yield block.rows, block.columns, block.first_image
+def _tiles(
+    num_images: int, negatives: str, chunk_size: int
+) -> Iterator[tuple[RowBlock, list[Tile]]]:
+    """Yields every block of rows with its tiles, in row order."""
+    geometry = NegativeGeometry.single_process(num_images, negatives)
+    for block in geometry.row_blocks(chunk_size):
+        yield block, list(geometry.tiles(block, COLUMN_TILE))
+
+
+def _buffer(zhat: torch.Tensor, num_images: int, chunk_size: int) -> torch.Tensor:
+    return zhat.new_empty(chunk_size * min(COLUMN_TILE, num_images))
+
+
+def _shaped(buffer: torch.Tensor, rows: slice, tile: Tile) -> torch.Tensor:
+    """The contiguous front of ``buffer`` as a (rows x tile columns) matrix."""
+    shape = (rows.stop - rows.start, tile.columns.stop - tile.columns.start)
+    return buffer[: shape[0] * shape[1]].view(shape)
 
 
 def _logits_into(
-    buffer: torch.Tensor,
-    scaled: torch.Tensor,
-    zhat: torch.Tensor,
-    rows: slice,
-    cols: slice,
-    first: int,
-    num_images: int,
+    buffer: torch.Tensor, zhat: torch.Tensor, inv_temperature: float, rows: slice, tile: Tile
 ) -> torch.Tensor:
-    block = torch.mm(scaled[rows], zhat[cols].T, out=buffer[: rows.stop - rows.start])
-    excluded_entries(block, first, num_images).fill_(float("-inf"))
-    return block
-
-
-def _buffer(zhat: torch.Tensor, num_images: int, negatives: str, chunk_size: int) -> torch.Tensor:
-    num_cols = NegativeGeometry.single_process(num_images, negatives).num_columns
-    return zhat.new_empty(chunk_size, num_cols)
+    out = _shaped(buffer, rows, tile)
+    torch.addmm(out, zhat[rows], zhat[tile.columns].T, beta=0, alpha=inv_temperature, out=out)
+    return tile.fill_excluded(out, float("-inf"))
 
 
 def logits_are_bounded(zhat: torch.Tensor, inv_temperature: float) -> bool:
@@ -74,33 +79,42 @@ def logits_are_bounded(zhat: torch.Tensor, inv_temperature: float) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    largest = float(zhat.detach().square().sum(dim=1).amax())
+    largest = float(torch.linalg.vector_norm(zhat.detach(), dim=1).amax()) ** 2
     return inv_temperature * largest <= BOUNDED_LOGITS
 
 
 def _forward(
     zhat: torch.Tensor,
-    scaled: torch.Tensor,
     num_images: int,
+    inv_temperature: float,
     negatives: str,
     chunk_size: int,
     bounded: bool,
 ) -> torch.Tensor:
     lse = zhat.new_empty(zhat.shape[0])
-    buffer = _buffer(zhat, num_images, negatives, chunk_size)
-    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
-        block = _logits_into(buffer, scaled, zhat, rows, cols, first, num_images)
-        if bounded:
-            torch.sum(block.exp_(), dim=1, out=lse[rows]).log_()
-            continue
-        shift = block.amax(dim=1, keepdim=True)
-        lse[rows] = block.sub_(shift).exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+    buffer = _buffer(zhat, num_images, chunk_size)
+    for block, tiles in _tiles(num_images, negatives, chunk_size):
+        parts = []
+        for tile in tiles:
+            logits = _logits_into(buffer, zhat, inv_temperature, block.rows, tile)
+            parts.append(logits.exp_().sum(dim=1) if bounded else torch.logsumexp(logits, dim=1))
+        stacked = torch.stack(parts)
+        lse[block.rows] = stacked.sum(dim=0).log_() if bounded else stacked.logsumexp(dim=0)
     return lse
+
+
+def _accumulate(
+    out: torch.Tensor, weights: torch.Tensor, columns: torch.Tensor, first: bool
+) -> None:
+    """``out = weights @ columns`` for a row block's first tile, ``out += ...`` for the others."""
+    if first:
+        torch.mm(weights, columns, out=out)
+    else:
+        out.addmm_(weights, columns)
 
 
 def _bounded_gradient(
     zhat: torch.Tensor,
-    scaled: torch.Tensor,
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     num_images: int,
@@ -116,18 +130,19 @@ def _bounded_gradient(
     peak = grad_lse.abs().amax().clamp_min(torch.finfo(grad_lse.dtype).tiny)
     factor = torch.exp(-lse).mul_(grad_lse / peak)
     dz = torch.empty_like(zhat)
-    logits = _buffer(zhat, num_images, negatives, chunk_size)
+    logits = _buffer(zhat, num_images, chunk_size)
     weights = torch.empty_like(logits)
-    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
-        block = _logits_into(logits, scaled, zhat, rows, cols, first, num_images).exp_()
-        pair = torch.add(factor[rows, None], factor[None, cols], out=weights[: block.shape[0]])
-        torch.mm(pair.mul_(block), zhat[cols], out=dz[rows])
+    for block, tiles in _tiles(num_images, negatives, chunk_size):
+        for index, tile in enumerate(tiles):
+            exps = _logits_into(logits, zhat, inv_temperature, block.rows, tile).exp_()
+            pair = _shaped(weights, block.rows, tile)
+            torch.add(factor[block.rows, None], factor[None, tile.columns], out=pair)
+            _accumulate(dz[block.rows], pair.mul_(exps), zhat[tile.columns], index == 0)
     return dz.mul_(peak * inv_temperature)
 
 
 def _shifted_gradient(
     zhat: torch.Tensor,
-    scaled: torch.Tensor,
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     num_images: int,
@@ -138,14 +153,17 @@ def _shifted_gradient(
     """Two exps per entry, each shifted by its own log-sum-exp: safe at any temperature."""
     scaled_grad = grad_lse * inv_temperature
     dz = torch.empty_like(zhat)
-    logits = _buffer(zhat, num_images, negatives, chunk_size)
+    logits = _buffer(zhat, num_images, chunk_size)
     weights = torch.empty_like(logits)
-    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
-        block = _logits_into(logits, scaled, zhat, rows, cols, first, num_images)
-        as_row = torch.sub(block, lse[rows, None], out=weights[: block.shape[0]])
-        as_row.exp_().mul_(scaled_grad[rows, None])
-        as_row.add_(block.sub_(lse[None, cols]).exp_().mul_(scaled_grad[None, cols]))
-        torch.mm(as_row, zhat[cols], out=dz[rows])
+    for block, tiles in _tiles(num_images, negatives, chunk_size):
+        rows = block.rows
+        for index, tile in enumerate(tiles):
+            tile_logits = _logits_into(logits, zhat, inv_temperature, rows, tile)
+            as_row = torch.sub(tile_logits, lse[rows, None], out=_shaped(weights, rows, tile))
+            as_row.exp_().mul_(scaled_grad[rows, None])
+            as_column = tile_logits.sub_(lse[None, tile.columns]).exp_()
+            as_row.add_(as_column.mul_(scaled_grad[None, tile.columns]))
+            _accumulate(dz[rows], as_row, zhat[tile.columns], index == 0)
     return dz
 
 
@@ -160,15 +178,19 @@ def _differentiable_gradient(
 ) -> torch.Tensor:
     scaled_grad = grad_lse * inv_temperature
     pieces = []
-    for rows, cols, first in _blocks(num_images, negatives, chunk_size):
-        bias = zhat.new_zeros(rows.stop - rows.start, cols.stop - cols.start)
-        excluded_entries(bias, first, num_images).fill_(float("-inf"))
-        block = torch.mm(zhat[rows] * inv_temperature, zhat[cols].T) + bias
-        weights = (
-            torch.exp(block - lse[rows, None]) * scaled_grad[rows, None]
-            + torch.exp(block - lse[None, cols]) * scaled_grad[None, cols]
-        )
-        pieces.append(weights @ zhat[cols])
+    for block, tiles in _tiles(num_images, negatives, chunk_size):
+        rows = block.rows
+        piece = zhat.new_zeros(rows.stop - rows.start, zhat.shape[1])
+        for tile in tiles:
+            bias = zhat.new_zeros(rows.stop - rows.start, tile.columns.stop - tile.columns.start)
+            tile.fill_excluded(bias, float("-inf"))
+            logits = torch.mm(zhat[rows] * inv_temperature, zhat[tile.columns].T) + bias
+            weights = (
+                torch.exp(logits - lse[rows, None]) * scaled_grad[rows, None]
+                + torch.exp(logits - lse[None, tile.columns]) * scaled_grad[None, tile.columns]
+            )
+            piece = piece + weights @ zhat[tile.columns]
+        pieces.append(piece)
     return torch.cat(pieces)
 
 
@@ -181,25 +203,25 @@ def lse_gradient(
     negatives: str,
     chunk_size: int,
 ) -> torch.Tensor:
-    """``d (grad_lse . lse) / d zhat`` from the saved log-sum-exps, one block of rows at a time.
+    """``d (grad_lse . lse) / d zhat`` from the saved log-sum-exps, one tile at a time.
 
     While autograd records (``torch.is_grad_enabled()``, as inside a backward with
     ``create_graph=True``) it uses differentiable operations, so a second derivative flows through
-    ``zhat``, ``lse`` and ``grad_lse``; otherwise in-place operations that reuse each block, with
-    one exp per entry where the logits are bounded (:func:`logits_are_bounded`) and two elsewhere.
+    ``zhat``, ``lse`` and ``grad_lse``; otherwise in-place operations in two reused tile buffers,
+    with one exp per entry where the logits are bounded (:func:`logits_are_bounded`) and two
+    elsewhere.
     """
     config = (num_images, inv_temperature, negatives, chunk_size)
     if torch.is_grad_enabled():
         return _differentiable_gradient(zhat, lse, grad_lse, *config)
-    scaled = zhat * inv_temperature
     compute = _bounded_gradient if logits_are_bounded(zhat, inv_temperature) else _shifted_gradient
-    return compute(zhat, scaled, lse, grad_lse, *config)
+    return compute(zhat, lse, grad_lse, *config)
 
 
 class ChunkedNegativeLogSumExp(torch.autograd.Function):
     """Blockwise log-sum-exp over negatives; the forward keeps only the log-sum-exps.
 
-    The backward recomputes each block of similarities; it is twice differentiable. ``precision``
+    The backward recomputes each tile of similarities; it is twice differentiable. ``precision``
     is ``"fp32"``, ``"tf32"`` or ``"bf16"`` (the operands arrive already rounded for ``"bf16"``;
     ``"tf32"`` switches CUDA's float32 GEMMs to TF32 in the forward and the backward).
     """
@@ -215,10 +237,9 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
         precision: GemmPrecision,
     ) -> torch.Tensor:
         bounded = logits_are_bounded(zhat, inv_temperature)
-        scaled = zhat * inv_temperature
         with gemm_context(zhat.device, precision):
-            lse = _forward(zhat, scaled, num_images, negatives, chunk_size, bounded)
-        ctx.save_for_backward(zhat, lse, scaled)
+            lse = _forward(zhat, num_images, inv_temperature, negatives, chunk_size, bounded)
+        ctx.save_for_backward(zhat, lse)
         ctx.config = (num_images, inv_temperature, negatives, chunk_size)  # type: ignore[attr-defined]
         ctx.bounded = bounded  # type: ignore[attr-defined]
         ctx.precision = precision  # type: ignore[attr-defined]
@@ -228,14 +249,14 @@ class ChunkedNegativeLogSumExp(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        zhat, lse, scaled = ctx.saved_tensors  # type: ignore[attr-defined]
+        zhat, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         config = ctx.config  # type: ignore[attr-defined]
         with gemm_context(zhat.device, ctx.precision):  # type: ignore[attr-defined]
             if torch.is_grad_enabled():
                 grad = _differentiable_gradient(zhat, lse, grad_lse, *config)
             else:
                 compute = _bounded_gradient if ctx.bounded else _shifted_gradient  # type: ignore[attr-defined]
-                grad = compute(zhat, scaled, lse, grad_lse, *config)
+                grad = compute(zhat, lse, grad_lse, *config)
         return grad, None, None, None, None, None
 
 
@@ -257,8 +278,7 @@ def chunked_negative_logsumexp(
         num_images: N, the number of images.
         inv_temperature: 1 / tau.
         negatives: ``"cross_view"`` (the other view of the other images) or ``"all"``.
-        chunk_size: Rows per block (at most N); by default about ``BLOCK_ENTRIES`` similarities
-            per block.
+        chunk_size: Rows per tile (at most N); ``ROW_TILE`` by default.
         precision: ``"fp32"``, ``"tf32"`` (TF32 on CUDA, float32 elsewhere) or ``"bf16"``.
 
     Returns:
@@ -270,7 +290,7 @@ def chunked_negative_logsumexp(
         torch.Size([8])
     """
     check_stacked(zhat, num_images)
-    chunk = default_chunk_size(num_images, negatives) if chunk_size is None else chunk_size
+    chunk = default_chunk_size(num_images) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk}")
     work = zhat if zhat.dtype in (torch.float32, torch.float64) else zhat.float()

@@ -8,7 +8,7 @@ columns). A row of view ``v`` sees a contiguous range of columns: the other view
 (``negatives="cross_view"``, N columns) or both views (``"all"``, 2N). Inside that range the row
 of global image ``g`` excludes the offsets ``g`` and, with ``"all"``, ``g + N``: its own view and
 its positive. This is the only place the rule is written; the blockwise, gathered and Triton
-paths take their column ranges and excluded offsets from here.
+paths take their column ranges, tiles and excluded offsets from here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,33 @@ class RowBlock:
     rows: slice
     columns: slice
     first_image: int
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A range of columns inside one view's copy of the columns, seen by a block of rows.
+
+    Attributes:
+        columns: The global columns of the tile.
+        excluded_diagonal: Entry ``(i, j)`` of the (rows x columns) tile is excluded exactly when
+            ``j - i`` equals it (at most one entry per row); None if the tile excludes nothing.
+    """
+
+    columns: slice
+    excluded_diagonal: int | None
+
+    def fill_excluded(self, similarities: torch.Tensor, value: float) -> torch.Tensor:
+        """Writes ``value`` into the excluded entries of the tile's similarities, in place.
+
+        Examples:
+            >>> similarities = torch.zeros(2, 3)
+            >>> _ = Tile(slice(4, 7), 1).fill_excluded(similarities, 1.0)
+            >>> similarities.nonzero().tolist()
+            [[0, 1], [1, 2]]
+        """
+        if self.excluded_diagonal is not None:
+            similarities.diagonal(offset=self.excluded_diagonal).fill_(value)
+        return similarities
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,27 @@ class NegativeGeometry:
                 last = min(first + chunk_size, n)
                 rows = slice(view * n + first, view * n + last)
                 yield RowBlock(rows, self.columns(view), self.first_image + first)
+
+    def tiles(self, block: RowBlock, width: int) -> Iterator[Tile]:
+        """The column range of ``block`` as tiles of at most ``width`` columns, in column order.
+
+        No tile straddles two views' copies of the columns, so each excludes one diagonal.
+
+        Examples:
+            >>> geometry = NegativeGeometry.single_process(3, "all")
+            >>> block = next(geometry.row_blocks(2))
+            >>> [(t.columns.start, t.columns.stop, t.excluded_diagonal)
+            ...  for t in geometry.tiles(block, 2)]
+            [(0, 2, 0), (2, 3, None), (3, 5, 0), (5, 6, None)]
+        """
+        n, rows = self.global_images, block.rows.stop - block.rows.start
+        for copy_start in range(block.columns.start, block.columns.stop, n):
+            for first in range(0, n, width):
+                last = min(first + width, n)
+                diagonal = block.first_image - first
+                excludes = -rows < diagonal < last - first
+                columns = slice(copy_start + first, copy_start + last)
+                yield Tile(columns, diagonal if excludes else None)
 
 
 def excluded_entries(block: torch.Tensor, first_image: int, global_images: int) -> torch.Tensor:

@@ -589,7 +589,7 @@ def _recorded_gradient(
         recorded = chunked_negative_logsumexp(
             work, g.local_images, launch.inv_temperature, g.negatives
         )
-        chunk = default_chunk_size(g.local_images, g.negatives)
+        chunk = default_chunk_size(g.local_images)
         args = (g.local_images, launch.inv_temperature, g.negatives, chunk)
         return lse_gradient(work, recorded, grad_lse.float(), *args)
     from msr_loss.similarity.gathered import torch_gathered_logsumexp
