@@ -222,10 +222,14 @@ def test_forward_and_backward_are_bitwise_repeatable(kernels, precision, negativ
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.parametrize("one_exp", [False, True])
 @pytest.mark.parametrize("negatives", NEGATIVE_SETS)
 @pytest.mark.parametrize("first_image", [0, 5, 16])
-def test_one_ranks_rows_against_the_global_columns(kernels, first_image, negatives):
-    """The rank's row offset in the exclusion rule, without a process group: 8 of 24 images."""
+def test_one_ranks_rows_against_the_global_columns(kernels, first_image, negatives, one_exp):
+    """The rank's row offset in the exclusion rule, without a process group: 8 of 24 images.
+
+    Logits within +-5 are bounded, so both backward forms apply: one ``exp2`` per entry and two.
+    """
     columns = unit_rows(first_image, 24, 12, torch.float32)
     rows = torch.cat([columns[first_image : first_image + 8], columns[24 + first_image :][:8]])
     geometry = NegativeGeometry(8, 24, first_image, negatives)
@@ -237,7 +241,7 @@ def test_one_ranks_rows_against_the_global_columns(kernels, first_image, negativ
     grad_full = torch.randn(48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     leaf = columns.double().requires_grad_()
     (expected_grad,) = torch.autograd.grad(plain_dense(leaf, 24, 5.0, negatives), leaf, grad_full)
-    got_grad = kernels.lse_backward(rows, columns, full.float(), grad_full.float(), launch)
+    got_grad = kernels.lse_backward(rows, columns, full.float(), grad_full.float(), launch, one_exp)
     local = torch.cat(
         [expected_grad[first_image : first_image + 8], expected_grad[24 + first_image :][:8]]
     )

@@ -10,12 +10,14 @@ online maximum and sum per row and writes only the log-sum-exp.
 
 The backward uses the symmetry of the negative set: with ``L`` the log-sum-exps and ``g`` their
 incoming gradient, ``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k
-exp(s_ik - L_k)`` on negatives. Each program recomputes its tiles and accumulates its rows of
-``dZ`` on chip (for D > 256, one program per 128-wide slice of ``dZ``, each recomputing the
-similarities). For few rows, a third grid axis splits the columns; the partial (max, sum) and
-``dZ`` partials are combined in a fixed order afterwards, so there are no atomics and the result
-is bitwise deterministic. Under distribution the rows are one rank's anchors and the columns the
-gathered batch; the backward then needs only the gathered log-sum-exps and their gradients.
+exp(s_ik - L_k)`` on negatives: two ``exp2`` per entry, or one, ``C_ik = exp(s_ik) (f_i + f_k)``
+with ``f = g exp(-L)``, when every logit is within +-40 (as in the PyTorch path). Each program
+recomputes its tiles and accumulates its rows of ``dZ`` on chip (for D > 256, one program per
+128-wide slice of ``dZ``, each recomputing the similarities). For few rows, a third grid axis
+splits the columns; the partial (max, sum) and ``dZ`` partials are combined in a fixed order
+afterwards, so there are no atomics and the result is bitwise deterministic. Under distribution
+the rows are one rank's anchors and the columns the gathered batch; the backward then needs only
+the gathered log-sum-exps and their gradients.
 
 Operands are float32 (IEEE or TF32 dots) or bfloat16, always with float32 accumulation. The
 gradient weights are normalised by a power of two of ``max |g|`` before their cast to bfloat16.
@@ -40,6 +42,7 @@ from msr_loss.similarity.blockwise import (
     check_stacked,
     chunked_negative_logsumexp,
     default_chunk_size,
+    logits_are_bounded,
     lse_gradient,
 )
 from msr_loss.similarity.fallback import record_triton_failure
@@ -277,6 +280,7 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
     BF16: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    ONE_EXP: tl.constexpr,
 ):
     view = tl.program_id(1)
     split = tl.program_id(2) // D_CHUNKS
@@ -290,8 +294,9 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
     col_base = tl.where(view == 0, col_start_view0, col_start_view1)
     d = tl.arange(0, BLOCK_D)
     q = _row_tile(rows_ptr, row_index, row_valid, dim, BLOCK_D, D_CHUNKS, EVEN_D, BF16, UPCAST)
-    row_lse = tl.load(lse_log2_ptr + row_global, mask=row_valid, other=0.0)
     row_grad = tl.load(grad_ptr + row_global, mask=row_valid, other=0.0)
+    if not ONE_EXP:
+        row_lse = tl.load(lse_log2_ptr + row_global, mask=row_valid, other=0.0)
     tiles_per_split = tl.cdiv(tl.cdiv(num_cols, BLOCK_N), splits)
     col_lo = split * tiles_per_split * BLOCK_N
     col_hi = tl.minimum(col_lo + tiles_per_split * BLOCK_N, num_cols)
@@ -325,11 +330,14 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             k = _load(
                 cols_ptr, col_index, col_valid, d_out * BLOCK_D + d, dim, EVEN_D, BF16, UPCAST
             )
-        col_lse = tl.load(lse_log2_ptr + col_index, mask=col_valid, other=0.0)
         col_grad = tl.load(grad_ptr + col_index, mask=col_valid, other=0.0)
-        weights = row_grad[:, None] * tl.exp2(logits - row_lse[:, None]) + col_grad[
-            None, :
-        ] * tl.exp2(logits - col_lse[None, :])
+        if ONE_EXP:
+            weights = tl.exp2(logits) * (row_grad[:, None] + col_grad[None, :])
+        else:
+            col_lse = tl.load(lse_log2_ptr + col_index, mask=col_valid, other=0.0)
+            weights = row_grad[:, None] * tl.exp2(logits - row_lse[:, None]) + col_grad[
+                None, :
+            ] * tl.exp2(logits - col_lse[None, :])
         if _needs_mask(
             col_start, num_cols, first_diag, first_diag + spacing, BLOCK_M, BLOCK_N, SECOND
         ):
@@ -412,8 +420,14 @@ class _Launch:
         block_d = padded if padded <= ON_CHIP_DIM else (self.blocks or Blocks()).dim
         return block_d, triton.cdiv(dim, block_d)
 
-    def run(self, name: str, tensors: tuple[torch.Tensor, ...], splits: int) -> None:
-        """Launches kernel ``name`` on ``tensors`` (rows, columns, then the kernel's others)."""
+    def run(
+        self, name: str, tensors: tuple[torch.Tensor, ...], splits: int, one_exp: bool = False
+    ) -> None:
+        """Launches kernel ``name`` on ``tensors`` (rows, columns, then the kernel's others).
+
+        ``one_exp`` (backward only): the gradient tensor holds ``g exp(-L)`` and each weight
+        takes one ``exp2``.
+        """
         g = self.geometry
         dim = tensors[0].shape[1]
         block_d, d_chunks = self.d_chunks(dim)
@@ -427,6 +441,8 @@ class _Launch:
             "UPCAST": INTERPRETER,
             "PRECISION": "tf32" if self.precision == "tf32" and not INTERPRETER else "ieee",
         }
+        if name == "backward":
+            meta["ONE_EXP"] = one_exp
         scalars = (
             g.local_images,
             g.first_image,
@@ -485,12 +501,15 @@ def lse_backward(
     lse: torch.Tensor,
     grad_lse: torch.Tensor,
     launch: _Launch,
+    bounded: bool,
 ) -> torch.Tensor:
     """The float32 gradient of ``sum(grad_lse * lse)`` over every rank with respect to ``rows``.
 
     ``lse`` and ``grad_lse`` are the (2N,) global log-sum-exps and their gradients, in the
     layout of ``columns``. The gradients are divided by a power of two near ``max |grad_lse|``
-    (exact) before the kernel, so its weights are at most about 4 when cast to bfloat16.
+    (exact) before the kernel, so its weights are at most about 4 when cast to bfloat16. With
+    ``bounded`` logits (:func:`~msr_loss.similarity.blockwise.logits_are_bounded`) the kernel
+    reads ``f = g exp(-L)`` and weighs each entry by ``exp(s) (f_i + f_k)``: one ``exp2``.
     """
     grad = grad_lse.float()
     peak = grad.abs().amax()
@@ -498,8 +517,12 @@ def lse_backward(
     splits = launch.splits(rows.device)
     parts = torch.empty(splits, *rows.shape, dtype=torch.float32, device=rows.device)
     lse_log2 = (lse.float() * LOG2_E).contiguous()
+    weights = grad / unit
+    if bounded:
+        weights = weights * torch.exp2(-lse_log2)
+    tensors = (rows, columns, lse_log2, weights.contiguous(), parts)
     with _on_device(rows):
-        launch.run("backward", (rows, columns, lse_log2, (grad / unit).contiguous(), parts), splits)
+        launch.run("backward", tensors, splits, one_exp=bounded)
     return parts.sum(dim=0) * (unit * launch.inv_temperature)
 
 
@@ -541,7 +564,8 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         lse = lse_forward(rows, columns, launch)
         global_lse = _gathered(lse) if distributed else lse
         ctx.save_for_backward(zhat, rows, columns, global_lse)
-        ctx.config = (launch, distributed)  # type: ignore[attr-defined]
+        bounded = logits_are_bounded(columns, launch.inv_temperature)
+        ctx.config = (launch, distributed, bounded)  # type: ignore[attr-defined]
         return lse.to(zhat.dtype)
 
     @staticmethod
@@ -549,11 +573,13 @@ class TritonNegativeLogSumExp(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         zhat, rows, columns, global_lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        launch, distributed = ctx.config  # type: ignore[attr-defined]
+        launch, distributed, bounded = ctx.config  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             grad = _recorded_gradient(zhat, grad_lse, launch, distributed)
         else:
-            grad = _kernel_gradient(zhat, rows, columns, global_lse, grad_lse, launch, distributed)
+            grad = _kernel_gradient(
+                zhat, rows, columns, global_lse, grad_lse, launch, distributed, bounded
+            )
         return grad.to(zhat.dtype), None, None, None, None, None, None
 
 
@@ -565,11 +591,12 @@ def _kernel_gradient(
     grad_lse: torch.Tensor,
     launch: _Launch,
     distributed: bool,
+    bounded: bool,
 ) -> torch.Tensor:
     """The kernel's backward; on CUDA, if it fails, the PyTorch path's (with a warning)."""
     global_grad = _gathered(grad_lse) if distributed else grad_lse
     try:
-        return lse_backward(rows, columns, lse, global_grad, launch)
+        return lse_backward(rows, columns, lse, global_grad, launch, bounded)
     except Exception as error:
         if not zhat.is_cuda or isinstance(error, torch.OutOfMemoryError):
             raise
