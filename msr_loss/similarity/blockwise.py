@@ -19,7 +19,7 @@ GEMM; peak extra memory is two tiles, and nothing of size M x M is ever formed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -103,14 +103,36 @@ def _forward(
     return lse
 
 
-def _accumulate(
-    out: torch.Tensor, weights: torch.Tensor, columns: torch.Tensor, first: bool
-) -> None:
-    """``out = weights @ columns`` for a row block's first tile, ``out += ...`` for the others."""
-    if first:
-        torch.mm(weights, columns, out=out)
-    else:
-        out.addmm_(weights, columns)
+TileWeights = Callable[[torch.Tensor, torch.Tensor, slice, slice], torch.Tensor]
+"""``(logits, buffer, rows, columns) -> C``: a tile's gradient weights, written into ``buffer``."""
+
+
+def _tile_gradient(
+    zhat: torch.Tensor,
+    num_images: int,
+    inv_temperature: float,
+    negatives: str,
+    chunk_size: int,
+    weigh: TileWeights,
+) -> torch.Tensor:
+    """``sum_k C_ik Z_k`` for every row, tile by tile, with each tile's ``C`` from ``weigh``.
+
+    A row block's first tile writes its rows of the result, the others add to them, in column
+    order: the sum is bitwise repeatable.
+    """
+    dz = torch.empty_like(zhat)
+    logits = _buffer(zhat, num_images, chunk_size)
+    weights = torch.empty_like(logits)
+    for block, tiles in _tiles(num_images, negatives, chunk_size):
+        rows, out = block.rows, dz[block.rows]
+        for index, tile in enumerate(tiles):
+            tile_logits = _logits_into(logits, zhat, inv_temperature, rows, tile)
+            tile_weights = weigh(tile_logits, _shaped(weights, rows, tile), rows, tile.columns)
+            if index == 0:
+                torch.mm(tile_weights, zhat[tile.columns], out=out)
+            else:
+                out.addmm_(tile_weights, zhat[tile.columns])
+    return dz
 
 
 def _bounded_gradient(
@@ -129,15 +151,12 @@ def _bounded_gradient(
     """
     peak = grad_lse.abs().amax().clamp_min(torch.finfo(grad_lse.dtype).tiny)
     factor = torch.exp(-lse).mul_(grad_lse / peak)
-    dz = torch.empty_like(zhat)
-    logits = _buffer(zhat, num_images, chunk_size)
-    weights = torch.empty_like(logits)
-    for block, tiles in _tiles(num_images, negatives, chunk_size):
-        for index, tile in enumerate(tiles):
-            exps = _logits_into(logits, zhat, inv_temperature, block.rows, tile).exp_()
-            pair = _shaped(weights, block.rows, tile)
-            torch.add(factor[block.rows, None], factor[None, tile.columns], out=pair)
-            _accumulate(dz[block.rows], pair.mul_(exps), zhat[tile.columns], index == 0)
+
+    def weigh(logits: torch.Tensor, pair: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        exps = logits.exp_()
+        return torch.add(factor[rows, None], factor[None, cols], out=pair).mul_(exps)
+
+    dz = _tile_gradient(zhat, num_images, inv_temperature, negatives, chunk_size, weigh)
     return dz.mul_(peak * inv_temperature)
 
 
@@ -152,19 +171,13 @@ def _shifted_gradient(
 ) -> torch.Tensor:
     """Two exps per entry, each shifted by its own log-sum-exp: safe at any temperature."""
     scaled_grad = grad_lse * inv_temperature
-    dz = torch.empty_like(zhat)
-    logits = _buffer(zhat, num_images, chunk_size)
-    weights = torch.empty_like(logits)
-    for block, tiles in _tiles(num_images, negatives, chunk_size):
-        rows = block.rows
-        for index, tile in enumerate(tiles):
-            tile_logits = _logits_into(logits, zhat, inv_temperature, rows, tile)
-            as_row = torch.sub(tile_logits, lse[rows, None], out=_shaped(weights, rows, tile))
-            as_row.exp_().mul_(scaled_grad[rows, None])
-            as_column = tile_logits.sub_(lse[None, tile.columns]).exp_()
-            as_row.add_(as_column.mul_(scaled_grad[None, tile.columns]))
-            _accumulate(dz[rows], as_row, zhat[tile.columns], index == 0)
-    return dz
+
+    def weigh(logits: torch.Tensor, buffer: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        as_row = torch.sub(logits, lse[rows, None], out=buffer).exp_().mul_(scaled_grad[rows, None])
+        as_column = logits.sub_(lse[None, cols]).exp_().mul_(scaled_grad[None, cols])
+        return as_row.add_(as_column)
+
+    return _tile_gradient(zhat, num_images, inv_temperature, negatives, chunk_size, weigh)
 
 
 def _differentiable_gradient(
