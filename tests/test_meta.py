@@ -1,27 +1,10 @@
 import pytest
 import torch
+from meta_problem import make_problem
 from torch import nn
 from torch.func import functional_call
 
 from msr_loss import MetaSemanticRegularizer, MetaUpdate, VirtualSGD, info_nce, nt_xent
-
-TAU = 0.5
-
-
-def make_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    encoder = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    msr = MetaSemanticRegularizer(4, 3, temperature=TAU, weight=2.0).double()
-    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-
-    def train_loss(f):
-        z1, z2 = f(x1), f(x2)
-        return nt_xent(z1, z2, temperature=TAU) + msr(z1, z2)
-
-    def meta_loss(f):
-        return info_nce(f(x1), f(x2), temperature=TAU)
-
-    return encoder, msr, train_loss, meta_loss
 
 
 def brute_force_meta_gradient(encoder, msr, train_loss, meta_loss, virtual_step, step=1e-6):

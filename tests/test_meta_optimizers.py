@@ -12,11 +12,10 @@ import warnings
 import pytest
 import torch
 from lars_reference import LARS
-from torch import nn
+from meta_problem import make_problem
 
-from msr_loss import MetaSemanticRegularizer, MetaUpdate, info_nce, nt_xent
+from msr_loss import MetaUpdate
 
-TAU = 0.5
 MODES = ["exact", "finite_difference"]
 
 
@@ -40,22 +39,6 @@ OPTIMIZERS = {
     "solo_lars_wrapper": lambda p: solo_lars_wrapper(p, clip=False),
     "solo_lars_wrapper_clip": lambda p: solo_lars_wrapper(p, clip=True),
 }
-
-
-def make_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    encoder = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    msr = MetaSemanticRegularizer(4, 3, temperature=TAU, weight=2.0).double()
-    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-
-    def train_loss(f):
-        z1, z2 = f(x1), f(x2)
-        return nt_xent(z1, z2, temperature=TAU) + msr(z1, z2)
-
-    def meta_loss(f):
-        return info_nce(f(x1), f(x2), temperature=TAU)
-
-    return encoder, msr, train_loss, meta_loss
 
 
 def warmed_up(name, encoder, train_loss, steps=2):
