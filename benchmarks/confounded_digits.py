@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         "--seed-offset", type=int, default=0, help="first seed (default 0: seeds 0, 1, ...)"
     )
     parser.add_argument("--draws", type=int, help="number of data draws (0, 1, ...)")
+    parser.add_argument(
+        "--draw-offset", type=int, default=0, help="first data draw (default 0: draws 0, 1, ...)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument(
         "--dataset", choices=DATASETS, default="digits", help="scikit-learn's digits or MNIST"
@@ -204,8 +207,10 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     )
     if seeds < 1 or draws < 1 or args.workers < 1 or backgrounds < 1:
         raise ValueError("--seeds, --draws, --workers and --backgrounds-per-digit must be >= 1")
-    if args.seed_offset < 0:
-        raise ValueError(f"--seed-offset must be >= 0, got {args.seed_offset}")
+    for name in ("seed_offset", "draw_offset"):
+        if getattr(args, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.correlation <= 1.0:
         raise ValueError(f"--correlation must be in [0, 1], got {args.correlation}")
     config = TrainConfig(
@@ -215,7 +220,7 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     data = DataConfig(args.dataset, args.correlation, backgrounds, args.max_samples)
     return [
         Job(method, seed, draw, data, config)
-        for draw in range(draws)
+        for draw in range(args.draw_offset, args.draw_offset + draws)
         for seed in range(args.seed_offset, args.seed_offset + seeds)
         for method in methods
     ]
