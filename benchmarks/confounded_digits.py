@@ -257,6 +257,15 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     rows = _run_all(jobs, args.workers, args.out / "runs.partial.csv")
+    _write_report(rows, args.out)
+    (args.out / "runs.partial.csv").unlink()
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nwrote runs.csv, paired.csv, tables.md, digits.png to {args.out} ({minutes:.1f} min)")
+    return 0
+
+
+def _write_report(rows: Sequence[Row], out: Path) -> None:
+    """Prints the tables and writes runs.csv, paired.csv, tables.md and digits.png to ``out``."""
     differences = report.paired_differences(rows)
     text = "\n\n".join(
         [
@@ -275,13 +284,45 @@ def main(argv: list[str]) -> int:
         ]
     )
     print("\n" + text)
-    report.write_csv(args.out / "runs.csv", rows)
-    (args.out / "runs.partial.csv").unlink()
-    report.write_csv(args.out / "paired.csv", [dataclasses.asdict(d) for d in differences])
-    (args.out / "tables.md").write_text(text + "\n")
-    report.plot(rows, differences, args.out / "digits.png")
-    minutes = (time.perf_counter() - start) / 60
-    print(f"\nwrote runs.csv, paired.csv, tables.md, digits.png to {args.out} ({minutes:.1f} min)")
+    report.write_csv(out / "runs.csv", rows)
+    report.write_csv(out / "paired.csv", [dataclasses.asdict(d) for d in differences])
+    (out / "tables.md").write_text(text + "\n")
+    report.plot(rows, differences, out / "digits.png")
+
+
+def report_main(argv: list[str]) -> int:
+    """``msr-loss digits-report RUNS.csv [RUNS.csv ...] --out DIR``: the report of finished runs.
+
+    Merges the ``runs.csv`` files of several ``msr-loss digits`` runs (for example the data draws
+    of a ``--full`` run made in pieces with ``--draw-offset``) and writes the same tables, CSV
+    files and figure as ``msr-loss digits``, without training.
+
+    Returns:
+        The exit code (0 on success, 2 on bad arguments or unreadable files).
+
+    Examples:
+        >>> report_main(["draw0/runs.csv", "draw1/runs.csv", "--out", "full"])  # doctest: +SKIP
+        0
+    """
+    parser = argparse.ArgumentParser(
+        prog="msr-loss digits-report",
+        description="The tables, CSV files and figure of msr-loss digits for finished runs.",
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="runs.csv files of msr-loss digits")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the report")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return 0 if stop.code is None else int(stop.code)
+    try:
+        rows = report.read_runs(args.runs)
+    except (OSError, ValueError) as error:
+        parser.print_usage(sys.stderr)
+        print(f"msr-loss digits-report: error: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_report(rows, args.out)
+    print(f"\nwrote runs.csv, paired.csv, tables.md, digits.png to {args.out} ({len(rows)} runs)")
     return 0
 
 

@@ -8,34 +8,13 @@ power of the two-sided 5% t-test at 2-10 pairs, with the number of pairs that re
 from __future__ import annotations
 
 import argparse
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from .digits_report import CONTROL, PAIRED_METRICS
+from .digits_report import CONTROL, PAIRED_METRICS, read_runs
 from .digits_stats import Row, paired_difference, pairs_needed, power
 
 SIZES = range(2, 11)
-
-
-def _read(paths: Sequence[Path]) -> list[Row]:
-    rows: list[Row] = []
-    for path in paths:
-        with path.open() as handle:
-            for record in csv.DictReader(handle):
-                rows.append(
-                    {
-                        **{
-                            key: float(value)
-                            for key, value in record.items()
-                            if key in PAIRED_METRICS
-                        },
-                        "method": record["method"],
-                        "seed": int(record["seed"]),
-                        "draw": int(record["draw"]),
-                    }
-                )
-    return rows
 
 
 def power_table(rows: Sequence[Row], metrics: Sequence[str] = PAIRED_METRICS) -> str:
@@ -69,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="runs.csv files of msr-loss digits")
     args = parser.parse_args(argv)
     print(f"control {CONTROL[0]} - {CONTROL[1]}; sign-aware power of the 5% two-sided t-test")
-    print(power_table(_read(args.runs)))
+    print(power_table(read_runs(args.runs)))
     return 0
 
 

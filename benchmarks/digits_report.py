@@ -234,6 +234,54 @@ def write_csv(path: Path, records: Sequence[Mapping[str, object]]) -> None:
         writer.writerows(records)
 
 
+KEYS = ("method", "seed", "draw")
+
+
+def _run_row(record: Mapping[str, str], path: Path) -> Row:
+    try:
+        return {
+            "method": record["method"],
+            "seed": int(record["seed"]),
+            "draw": int(record["draw"]),
+            **{key: float(value) for key, value in record.items() if key not in KEYS},
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a runs.csv row of msr-loss digits ({error})") from error
+
+
+def read_runs(paths: Sequence[Path]) -> list[Row]:
+    """The rows of one or more ``runs.csv`` files, numbers parsed; each run may appear once.
+
+    Raises:
+        ValueError: If a file is not a ``runs.csv`` of ``msr-loss digits``, if its columns differ
+            from the first file's, or if a (method, seed, draw) appears twice.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "runs.csv"
+        >>> write_csv(path, [{"method": "simclr", "seed": 0, "draw": 1, "bg_decod": 80.5}])
+        >>> read_runs([path])
+        [{'method': 'simclr', 'seed': 0, 'draw': 1, 'bg_decod': 80.5}]
+    """
+    rows: list[Row] = []
+    origin: dict[tuple[object, ...], Path] = {}
+    columns: list[str] | None = None
+    for path in paths:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if columns is not None and reader.fieldnames != columns:
+                raise ValueError(f"{path}: its columns differ from those of {paths[0]}")
+            columns = list(reader.fieldnames or [])
+            for record in reader:
+                row = _run_row(record, path)
+                key = tuple(row[name] for name in KEYS)
+                if key in origin:
+                    raise ValueError(f"{path}: run {key} is already in {origin[key]}")
+                origin[key] = path
+                rows.append(row)
+    return rows
+
+
 def _half_width(summary: Summary) -> float:
     if summary.n < 2 or math.isnan(summary.sd):
         return 0.0

@@ -8,6 +8,11 @@ import sys
 COMMANDS = {
     "demo": ("msr_loss.benchmarks.confounded_digits", "demo_main", "the README's main job"),
     "digits": ("msr_loss.benchmarks.confounded_digits", "main", "the confounded-digits benchmark"),
+    "digits-report": (
+        "msr_loss.benchmarks.confounded_digits",
+        "report_main",
+        "the digits report of finished runs (merges runs.csv files)",
+    ),
     "bench": ("msr_loss.benchmarks.loss_kernel", "main", "the loss-kernel microbenchmark"),
     "solo-pretrain": (
         "msr_loss.adapters.solo_learn_launcher",

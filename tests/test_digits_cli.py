@@ -134,6 +134,7 @@ def test_console_command_with_two_worker_processes(tmp_path: Path) -> None:
     [
         (["--seeds", "0"], "--seeds"),
         (["--seed-offset", "-1"], "--seed-offset"),
+        (["--draw-offset", "-1"], "--draw-offset"),
         (["--correlation", "1.5"], "--correlation"),
         (["--backgrounds-per-digit", "0"], "--backgrounds-per-digit"),
         (["--backbone", "no_such_net"], "backbone"),
@@ -160,3 +161,71 @@ def test_power_table_from_the_written_runs(
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("metric") and lines[2].startswith("bg_decod")
     assert all(len(line.split("|")) == 3 for line in lines[1:])
+
+
+def _split_by_seed(runs: Path, into: Path) -> list[Path]:
+    rows = _read(runs)
+    paths = []
+    for seed in sorted({row["seed"] for row in rows}):
+        path = into / f"seed{seed}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(row for row in rows if row["seed"] == seed)
+        paths.append(path)
+    return paths
+
+
+def test_report_of_runs_made_in_pieces_equals_the_report_of_one_run(
+    run: tuple[Path, str], tmp_path: Path
+) -> None:
+    pieces = _split_by_seed(run[0] / "runs.csv", tmp_path)
+    out = tmp_path / "merged"
+    assert cli.main(["digits-report", *map(str, pieces), "--out", str(out)]) == 0
+    for name in ("tables.md", "paired.csv"):
+        assert (out / name).read_text() == (run[0] / name).read_text(), name
+    assert (out / "digits.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_draw_offset_runs_the_later_draws(tmp_path: Path) -> None:
+    argv = ["digits", "--methods", "random", "--seeds", "1", *TINY, "--draws", "1"]
+    for draw in (0, 1):
+        out = tmp_path / f"draw{draw}"
+        assert cli.main([*argv, "--draw-offset", str(draw), "--out", str(out)]) == 0
+        assert [row["draw"] for row in _read(out / "runs.csv")] == [str(draw)]
+    first, second = (_read(tmp_path / f"draw{draw}" / "runs.csv")[0] for draw in (0, 1))
+    assert first["bg_decod"] != second["bg_decod"], "another draw is other data"
+    paths = [str(tmp_path / f"draw{draw}" / "runs.csv") for draw in (0, 1)]
+    assert cli.main(["digits-report", *paths, "--out", str(tmp_path / "both")]) == 0
+    assert sorted(row["draw"] for row in _read(tmp_path / "both" / "runs.csv")) == ["0", "1"]
+
+
+def test_report_refuses_a_run_given_twice(
+    run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = str(run[0] / "runs.csv")
+    assert cli.main(["digits-report", runs, runs, "--out", str(run[0] / "twice")]) == 2
+    assert "already in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "after_a_good_file", "error"),
+    [
+        ("method,seed,draw,bg_decod\nsimclr,0,0,81.0\n", True, "columns differ"),
+        ("method,seed,draw,bg_decod\nsimclr,zero,0,81.0\n", False, "not a runs.csv row"),
+        ("method,draw,bg_decod\nsimclr,0,81.0\n", False, "not a runs.csv row"),
+    ],
+)
+def test_report_refuses_files_that_do_not_fit(
+    run: tuple[Path, str],
+    tmp_path: Path,
+    text: str,
+    after_a_good_file: bool,
+    error: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    files = [str(run[0] / "runs.csv")] * after_a_good_file + [str(bad)]
+    assert cli.main(["digits-report", *files, "--out", str(tmp_path / "out")]) == 2
+    assert error in capsys.readouterr().err
