@@ -319,6 +319,39 @@ def test_geometry_reproduces_the_definition_of_the_negatives(local, ranks, data,
     assert torch.equal(tiled, expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(1, 6),
+    st.integers(1, 12),
+    st.sampled_from(NEGATIVE_SETS),
+)
+def test_symmetric_tiles_hold_every_seen_entry_once(images, chunk, width, negatives):
+    """Each seen (row, column), directly or through a mirrored tile's transpose, exactly once."""
+    geometry = NegativeGeometry.single_process(images, negatives)
+    counts = torch.zeros(2 * images, 2 * images, dtype=torch.int64)
+    for pair in geometry.symmetric_tiles(chunk, width):
+        columns = pair.tile.columns
+        assert columns.stop - columns.start <= max(width, pair.rows.stop - pair.rows.start)
+        seen = torch.ones(pair.rows.stop - pair.rows.start, columns.stop - columns.start)
+        seen = pair.tile.fill_excluded(seen, 0.0).long()
+        counts[pair.rows, columns] += seen
+        if pair.mirrored:
+            counts[columns, pair.rows] += seen.T
+        else:
+            assert pair.rows == columns, "only squares on the diagonal stand for themselves"
+    index = torch.arange(2 * images)
+    expected = (index[:, None] % images) != (index[None, :] % images)
+    if negatives == "cross_view":
+        expected &= (index[:, None] // images) != (index[None, :] // images)
+    assert torch.equal(counts, expected.long())
+
+
+def test_symmetric_tiles_need_one_process():
+    with pytest.raises(ValueError, match="one process"):
+        next(NegativeGeometry(2, 4, 2, "all").symmetric_tiles(2, 2))
+
+
 def test_a_kernel_failure_on_cuda_warns_once_and_switches_to_pytorch(monkeypatch):
     monkeypatch.setattr(fallback, "_FAILURES", [])
     with pytest.warns(RuntimeWarning, match=r"Triton kernel failed on CUDA \(ImportError: gone\)"):

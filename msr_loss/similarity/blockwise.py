@@ -2,28 +2,33 @@
 
 Rows and columns index the M = 2N stacked views ``[view 1; view 2]``: index ``r`` is view ``r // N``
 of image ``r % N``. A tile holds a block of rows of one view against at most ``COLUMN_TILE``
-columns of one view's copy of the columns (:meth:`NegativeGeometry.tiles`), so its excluded
-entries (the anchor and its positive, ``column % N == row % N``) lie on one diagonal that is
-filled in place, with no mask, and its buffers stay in a core's L2 cache through the elementwise
-passes. With ``negatives="cross_view"`` a row sees the other view only: half the work of
-``"all"``.
+columns of one view's copy of the columns, so its excluded entries (the anchor and its positive,
+``column % N == row % N``) lie on one diagonal that is filled in place, with no mask, and its
+buffers stay in a core's L2 cache through the elementwise passes. With
+``negatives="cross_view"`` a row sees the other view only: half the work of ``"all"``.
 
-The negative set is symmetric (``k`` is a negative of ``i`` exactly when ``i`` is one of ``k``), so
-``d lse / d Z`` for a block of rows needs only that block's similarities:
-``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``.
+The similarities and the negative set are symmetric (``k`` is a negative of ``i`` exactly when
+``i`` is one of ``k``), so each tile of :meth:`NegativeGeometry.symmetric_tiles` but the squares on
+the diagonal also stands for its transpose: its row sums feed its rows' log-sum-exps and its
+column sums its columns'. That halves the similarity GEMMs and the exps. The gradient is
+``dZ_i = (1/tau) sum_k C_ik Z_k`` with ``C_ik = g_i exp(s_ik - L_i) + g_k exp(s_ik - L_k)``,
+symmetric too: a tile's ``C`` adds ``C Z_columns`` to its rows and ``C^T Z_rows`` to its columns.
 When every logit is within ``BOUNDED_LOGITS`` (:func:`logits_are_bounded`) the forward needs no
 max-shift and the backward one exp per entry, ``C_ik = exp(s_ik) (f_i + f_k)``; otherwise each exp
 is shifted by its own log-sum-exp, which is safe at any temperature. ``1/tau`` scales inside each
-GEMM; peak extra memory is two tiles, and nothing of size M x M is ever formed.
+GEMM; peak extra memory is two tiles, and nothing of size M x M is ever formed. The
+twice-differentiable backward (under ``create_graph=True``) goes row block by row block
+(:meth:`NegativeGeometry.tiles`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
-from msr_loss.similarity.geometry import NegativeGeometry, RowBlock, Tile
+from msr_loss.similarity.geometry import NegativeGeometry, PairTile, RowBlock, Tile
 from msr_loss.similarity.precision import GemmPrecision, gemm_context, gemm_operand
 
 ROW_TILE = 256
@@ -54,8 +59,15 @@ def _tiles(
         yield block, list(geometry.tiles(block, COLUMN_TILE))
 
 
+def _pair_tiles(num_images: int, negatives: str, chunk_size: int) -> Iterator[PairTile]:
+    """The tiles of :meth:`NegativeGeometry.symmetric_tiles`, in a fixed order."""
+    geometry = NegativeGeometry.single_process(num_images, negatives)
+    return geometry.symmetric_tiles(chunk_size, COLUMN_TILE)
+
+
 def _buffer(zhat: torch.Tensor, num_images: int, chunk_size: int) -> torch.Tensor:
-    return zhat.new_empty(chunk_size * min(COLUMN_TILE, num_images))
+    """Room for the largest tile: ``chunk_size`` rows of the square or of the widest tile."""
+    return zhat.new_empty(chunk_size * max(min(COLUMN_TILE, num_images), chunk_size))
 
 
 def _shaped(buffer: torch.Tensor, rows: slice, tile: Tile) -> torch.Tensor:
@@ -91,16 +103,20 @@ def _forward(
     chunk_size: int,
     bounded: bool,
 ) -> torch.Tensor:
-    lse = zhat.new_empty(zhat.shape[0])
+    """Each row's log-sum-exp, from its rows of each tile and, if mirrored, its columns."""
+    total = zhat.new_zeros(zhat.shape[0]) if bounded else zhat.new_full(zhat.shape[:1], -math.inf)
     buffer = _buffer(zhat, num_images, chunk_size)
-    for block, tiles in _tiles(num_images, negatives, chunk_size):
-        parts = []
-        for tile in tiles:
-            logits = _logits_into(buffer, zhat, inv_temperature, block.rows, tile)
-            parts.append(logits.exp_().sum(dim=1) if bounded else torch.logsumexp(logits, dim=1))
-        stacked = torch.stack(parts)
-        lse[block.rows] = stacked.sum(dim=0).log_() if bounded else stacked.logsumexp(dim=0)
-    return lse
+    for pair in _pair_tiles(num_images, negatives, chunk_size):
+        logits = _logits_into(buffer, zhat, inv_temperature, pair.rows, pair.tile)
+        directions = ((pair.rows, 1), (pair.tile.columns, 0))[: 1 + pair.mirrored]
+        if bounded:
+            exps = logits.exp_()
+            for rows, dim in directions:
+                total[rows].add_(exps.sum(dim=dim))
+        else:
+            for rows, dim in directions:
+                torch.logaddexp(total[rows], torch.logsumexp(logits, dim=dim), out=total[rows])
+    return total.log_() if bounded else total
 
 
 TileWeights = Callable[[torch.Tensor, torch.Tensor, slice, slice], torch.Tensor]
@@ -117,21 +133,19 @@ def _tile_gradient(
 ) -> torch.Tensor:
     """``sum_k C_ik Z_k`` for every row, tile by tile, with each tile's ``C`` from ``weigh``.
 
-    A row block's first tile writes its rows of the result, the others add to them, in column
-    order: the sum is bitwise repeatable.
+    ``C`` is symmetric, so a mirrored tile adds ``C Z_columns`` to its rows and ``C^T Z_rows`` to
+    its columns. The tiles come in a fixed order: the sums are bitwise repeatable.
     """
-    dz = torch.empty_like(zhat)
+    dz = torch.zeros_like(zhat)
     logits = _buffer(zhat, num_images, chunk_size)
     weights = torch.empty_like(logits)
-    for block, tiles in _tiles(num_images, negatives, chunk_size):
-        rows, out = block.rows, dz[block.rows]
-        for index, tile in enumerate(tiles):
-            tile_logits = _logits_into(logits, zhat, inv_temperature, rows, tile)
-            tile_weights = weigh(tile_logits, _shaped(weights, rows, tile), rows, tile.columns)
-            if index == 0:
-                torch.mm(tile_weights, zhat[tile.columns], out=out)
-            else:
-                out.addmm_(tile_weights, zhat[tile.columns])
+    for pair in _pair_tiles(num_images, negatives, chunk_size):
+        rows, columns = pair.rows, pair.tile.columns
+        tile_logits = _logits_into(logits, zhat, inv_temperature, rows, pair.tile)
+        tile_weights = weigh(tile_logits, _shaped(weights, rows, pair.tile), rows, columns)
+        dz[rows].addmm_(tile_weights, zhat[columns])
+        if pair.mirrored:
+            dz[columns].addmm_(tile_weights.T, zhat[rows])
     return dz
 
 

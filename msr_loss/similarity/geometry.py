@@ -56,6 +56,22 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class PairTile:
+    """A tile of a symmetric similarity matrix that may also stand for its transpose.
+
+    Attributes:
+        rows: The rows of the tile.
+        tile: Its columns and excluded diagonal.
+        mirrored: Whether the tile also holds the entries of ``tile.columns`` against ``rows``
+            (its transpose); False for a square on the diagonal, which holds them already.
+    """
+
+    rows: slice
+    tile: Tile
+    mirrored: bool
+
+
+@dataclass(frozen=True)
 class NegativeGeometry:
     """The negative set of one rank's rows against the global columns.
 
@@ -123,14 +139,53 @@ class NegativeGeometry:
             ...  for t in geometry.tiles(block, 2)]
             [(0, 2, 0), (2, 3, None), (3, 5, 0), (5, 6, None)]
         """
+        for copy_start in range(block.columns.start, block.columns.stop, self.global_images):
+            yield from self._copy_tiles(block, copy_start, 0, width)
+
+    def _copy_tiles(
+        self, block: RowBlock, copy_start: int, first: int, width: int
+    ) -> Iterator[Tile]:
+        """Columns ``first .. N - 1`` of the copy at ``copy_start``, as tiles of ``width``."""
         n, rows = self.global_images, block.rows.stop - block.rows.start
-        for copy_start in range(block.columns.start, block.columns.stop, n):
-            for first in range(0, n, width):
-                last = min(first + width, n)
-                diagonal = block.first_image - first
-                excludes = -rows < diagonal < last - first
-                columns = slice(copy_start + first, copy_start + last)
-                yield Tile(columns, diagonal if excludes else None)
+        for start in range(first, n, width):
+            last = min(start + width, n)
+            diagonal = block.first_image - start
+            excludes = -rows < diagonal < last - start
+            yield Tile(slice(copy_start + start, copy_start + last), diagonal if excludes else None)
+
+    def symmetric_tiles(self, chunk_size: int, width: int) -> Iterator[PairTile]:
+        """Tiles that hold every seen (row, column) entry once, directly or mirrored.
+
+        In one process the rows are the columns and the negative set is symmetric, so the
+        similarities of rows I against columns K are those of K against I, transposed. A block of
+        view 1 gets its square on the diagonal of view 1 against view 1 (with ``"all"``), the rest
+        of that view's columns, then view 2's columns; a block of view 2 gets its square and the
+        rest of view 2's columns (with ``"all"``). Every tile but the squares is mirrored: about
+        half the entries of :meth:`tiles`.
+
+        Raises:
+            ValueError: If the rows are not the columns (more than one process).
+
+        Examples:
+            >>> geometry = NegativeGeometry.single_process(3, "all")
+            >>> [(p.rows.start, p.tile.columns.start, p.tile.columns.stop, p.mirrored)
+            ...  for p in geometry.symmetric_tiles(2, 4)]  # doctest: +NORMALIZE_WHITESPACE
+            [(0, 0, 2, False), (0, 2, 3, True), (0, 3, 6, True), (2, 2, 3, False),
+             (2, 3, 6, True), (3, 3, 5, False), (3, 5, 6, True), (5, 5, 6, False)]
+        """
+        n = self.global_images
+        if self.local_images != n or self.first_image != 0:
+            raise ValueError("symmetric tiles need the rows to be the columns (one process)")
+        for block in self.row_blocks(chunk_size):
+            view_start = block.rows.start - block.first_image
+            if self.negatives == "all":
+                yield PairTile(block.rows, Tile(block.rows, 0), mirrored=False)
+                rest = block.rows.stop - view_start
+                for tile in self._copy_tiles(block, view_start, rest, width):
+                    yield PairTile(block.rows, tile, mirrored=True)
+            if view_start == 0:
+                for tile in self._copy_tiles(block, n, 0, width):
+                    yield PairTile(block.rows, tile, mirrored=True)
 
 
 def excluded_entries(block: torch.Tensor, first_image: int, global_images: int) -> torch.Tensor:
