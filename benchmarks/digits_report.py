@@ -289,10 +289,13 @@ def _half_width(summary: Summary) -> float:
 
 
 def _bars(
-    axis: Any, groups: Sequence[str], series: Mapping[str, Sequence[tuple[float, float]]]
+    axis: Any,
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    colors: Sequence[str],
 ) -> None:
     width = 0.8 / max(len(series), 1)
-    for index, (label, values) in enumerate(series.items()):
+    for index, ((label, values), color) in enumerate(zip(series.items(), colors, strict=True)):
         axis.bar(
             [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))],
             [mean for mean, _ in values],
@@ -300,8 +303,14 @@ def _bars(
             yerr=[half for _, half in values],
             capsize=3,
             label=label,
+            color=color,
         )
     axis.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=8)
+
+
+def _legend_below(axis: Any, columns: int) -> None:
+    """The axis's legend under its tick labels, where it covers no bar."""
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=columns)
 
 
 def plot(rows: Sequence[Row], differences: Sequence[PairedDifference], path: Path) -> None:
@@ -314,6 +323,7 @@ def plot(rows: Sequence[Row], differences: Sequence[PairedDifference], path: Pat
 
     summaries = {(s.method, s.metric): s for s in summarize(rows, TABLE_METRICS)}
     methods = list(dict.fromkeys(str(row["method"]) for row in rows))
+    color = {method: f"C{index % 10}" for index, method in enumerate(methods)}
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = (
         ("neutral probes", {m: m for m in (*PRIMARY, "neutral_fg")}),
@@ -327,12 +337,12 @@ def plot(rows: Sequence[Row], differences: Sequence[PairedDifference], path: Pat
             ]
             for method in methods
         }
-        _bars(axis, list(metrics), series)
+        _bars(axis, list(metrics), series, [color[method] for method in methods])
         axis.set_title(title, fontsize=10)
         axis.set_ylabel("accuracy (%); BG-Gap in points")
         axis.axhline(100 / NUM_CLASSES, color="gray", linestyle=":", linewidth=1)
     axes[0].set_ylim(0, 100)
-    axes[0].legend(fontsize=8)
+    _legend_below(axes[0], columns=3)
     versus = {
         method: found
         for (method, reference), found in _by_comparison(differences).items()
@@ -352,15 +362,16 @@ def plot(rows: Sequence[Row], differences: Sequence[PairedDifference], path: Pat
             ]
             for method, found in versus.items()
         },
+        [color[method] for method in versus],
     )
     axes[2].axhline(0, color="black", linewidth=0.8)
     axes[2].set_title("paired differences against SimCLR (95% CI)", fontsize=10)
     axes[2].set_ylabel("points")
     if versus:
-        axes[2].legend(fontsize=8)
+        _legend_below(axes[2], columns=2)
     figure.suptitle(
         "Confounded digits: means with 95% CIs (bg_decod, Only-BG-T, BG-Gap: lower is better)"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(figure)
