@@ -157,11 +157,10 @@ class NegativeGeometry:
         """Tiles that hold every seen (row, column) entry once, directly or mirrored.
 
         In one process the rows are the columns and the negative set is symmetric, so the
-        similarities of rows I against columns K are those of K against I, transposed. A block of
-        view 1 gets its square on the diagonal of view 1 against view 1 (with ``"all"``), the rest
-        of that view's columns, then view 2's columns; a block of view 2 gets its square and the
-        rest of view 2's columns (with ``"all"``). Every tile but the squares is mirrored: about
-        half the entries of :meth:`tiles`.
+        similarities of rows I against columns K are those of K against I, transposed. With
+        ``"all"`` every block gets its square on the diagonal and then its own view's columns
+        after the square; with either set a block of view 1 also gets all of view 2's columns.
+        Every tile but the squares is mirrored: about half the entries of :meth:`tiles`.
 
         Raises:
             ValueError: If the rows are not the columns (more than one process).
