@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from meta_problem import TAU, meta_losses
 from torch import nn
 
 from msr_loss import MetaSemanticRegularizer, MetaUpdate, info_nce, nt_xent
 
-TAU = 0.5
 MODES = ["exact", "finite_difference"]
 
 
@@ -17,15 +17,7 @@ def dropout_problem(seed: int = 0, dtype: torch.dtype = torch.float64, device: s
     msr = MetaSemanticRegularizer(8, 4, temperature=TAU).to(device=device, dtype=dtype)
     x1 = torch.randn(16, 8, dtype=dtype, device=device)
     x2 = torch.randn(16, 8, dtype=dtype, device=device)
-
-    def train_loss(f):
-        z1, z2 = f(x1), f(x2)
-        return nt_xent(z1, z2, temperature=TAU) + msr(z1, z2)
-
-    def meta_loss(f):
-        return info_nce(f(x1), f(x2), temperature=TAU)
-
-    return encoder, msr, train_loss, meta_loss
+    return encoder, msr, *meta_losses(msr, x1, x2)
 
 
 def meta_gradient(mode, encoder, msr, train_loss, meta_loss):

@@ -5,30 +5,17 @@ import math
 import pytest
 import torch
 from lars_reference import LARS
-from torch import nn
+from meta_problem import make_problem as shared_problem
 from torch.func import functional_call
 
-from msr_loss import MetaSemanticRegularizer, MetaUpdate, VirtualSGD, info_nce, nt_xent
+from msr_loss import MetaUpdate, VirtualSGD
 
-TAU = 0.5
 MODES = ["exact", "finite_difference"]
 
 
 def make_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    encoder = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    msr = MetaSemanticRegularizer(4, 3, temperature=TAU, weight=2.0).double()
-    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-
-    def train_loss(f):
-        z1, z2 = f(x1), f(x2)
-        return nt_xent(z1, z2, temperature=TAU) + msr(z1, z2)
-
-    def meta_loss(f):
-        z1, z2 = f(x1), f(x2)
-        return info_nce(z1, z2, temperature=TAU) + msr(z1, z2)
-
-    return encoder, msr, train_loss, meta_loss
+    """The shared problem with ICL-MSR in the meta loss too, so its first-order term is not 0."""
+    return shared_problem(seed, regularised_meta=True)
 
 
 def first_order_term(encoder, msr, meta_loss):
